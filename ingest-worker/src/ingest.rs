@@ -1,0 +1,183 @@
+//! The ingest batch handler: decode, verify, store, answer, fan out.
+
+use redis::aio::ConnectionManager;
+use shared::bus::{self, ConnId, Entry, GatewayId, GatewayReply, IngestRequest, LiveEvent, TraceContext};
+use shared::event::{Event, EventId, KindClass};
+use shared::message::raw_json;
+use shared::worker::{Context, Handler};
+
+use crate::write::{self, Outcome, Pending};
+
+/// The ingest worker's [`Handler`].
+pub struct Ingest;
+
+/// One event of the batch, with where its `OK` goes.
+struct Item {
+    gateway: GatewayId,
+    conn: ConnId,
+    id: EventId,
+    event: Result<Event, String>,
+}
+
+impl Handler for Ingest {
+    async fn handle(&mut self, ctx: &Context, entries: &[Entry]) {
+        let items = verify_all(decode_all(entries)).await;
+        let mut replies = Replies::default();
+
+        let storable: Vec<(usize, String)> = items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, item)| match &item.event {
+                Ok(ev) if ev.class() != KindClass::Ephemeral => Some((i, ev.to_json())),
+                _ => None,
+            })
+            .collect();
+        let pending: Vec<Pending<'_>> = storable
+            .iter()
+            .filter_map(|(i, json)| {
+                let event = items[*i].event.as_ref().ok()?;
+                Some(Pending { event, json })
+            })
+            .collect();
+        let results = write::store_batch(&ctx.db, &pending).await;
+        let mut stored = storable.iter().zip(results);
+
+        for item in &items {
+            match &item.event {
+                Err(reason) => replies.ok(ctx, item, false, format!("invalid: {reason}")),
+                Ok(ev) if ev.class() == KindClass::Ephemeral => {
+                    replies.live(ctx, ev.to_json());
+                    replies.ok(ctx, item, true, String::new());
+                }
+                Ok(_) => {
+                    let Some(((_, json), result)) = stored.next() else {
+                        continue;
+                    };
+                    match result {
+                        Ok(Outcome::Stored) => {
+                            replies.live(ctx, json.clone());
+                            replies.ok(ctx, item, true, String::new());
+                        }
+                        Ok(Outcome::Duplicate) => replies.ok(ctx, item, true, "duplicate: already have this event".into()),
+                        Ok(Outcome::Superseded) => replies.ok(
+                            ctx,
+                            item,
+                            false,
+                            "duplicate: a newer version of this replaceable event is already stored".into(),
+                        ),
+                        Err(e) => {
+                            tracing::error!(error = %e, id = %item.id, "storing event failed");
+                            replies.ok(ctx, item, false, "error: could not store the event; try again".into());
+                        }
+                    }
+                }
+            }
+        }
+        replies.send(ctx.redis.clone()).await;
+    }
+}
+
+fn decode_all(entries: &[Entry]) -> Vec<(GatewayId, ConnId, String)> {
+    entries
+        .iter()
+        .filter_map(|entry| {
+            let decoded = entry
+                .payload
+                .as_deref()
+                .map(bus::decode::<IngestRequest>);
+            match decoded {
+                Some(Ok(req)) => Some((req.gateway, req.conn, req.event.get().to_owned())),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, entry = %entry.id, "dropping undecodable ingest entry");
+                    None
+                }
+                None => {
+                    tracing::warn!(entry = %entry.id, "dropping ingest entry without payload");
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// Parses and verifies every event, spreading the signature checks over the cores.
+async fn verify_all(decoded: Vec<(GatewayId, ConnId, String)>) -> Vec<Item> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = decoded.len().div_ceil(threads).max(1);
+    let mut tasks = Vec::new();
+    let mut rest = decoded;
+    while !rest.is_empty() {
+        let tail = rest.split_off(chunk.min(rest.len()));
+        let part = std::mem::replace(&mut rest, tail);
+        tasks.push(tokio::task::spawn_blocking(move || {
+            part.into_iter().filter_map(verify_one).collect::<Vec<_>>()
+        }));
+    }
+    let mut items = Vec::new();
+    for task in tasks {
+        match task.await {
+            Ok(part) => items.extend(part),
+            Err(e) => tracing::error!(error = %e, "verification task failed"),
+        }
+    }
+    items
+}
+
+fn verify_one((gateway, conn, json): (GatewayId, ConnId, String)) -> Option<Item> {
+    match Event::from_json(&json) {
+        Ok(event) => {
+            let id = event.id;
+            let event = event.verify().map(|()| event).map_err(|e| e.to_string());
+            Some(Item { gateway, conn, id, event })
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "gateway forwarded an event that does not parse; dropping");
+            None
+        }
+    }
+}
+
+/// Replies and live events of a batch, sent in one pipelined round trip.
+#[derive(Default)]
+struct Replies {
+    pipe: redis::Pipeline,
+    count: usize,
+}
+
+impl Replies {
+    fn ok(&mut self, ctx: &Context, item: &Item, accepted: bool, message: String) {
+        let reply = GatewayReply::Ok {
+            conn: item.conn,
+            event_id: item.id,
+            accepted,
+            message,
+            trace: TraceContext::default(),
+        };
+        self.pipe
+            .publish(ctx.bus.gateway_channel(&item.gateway), bus::encode(&reply))
+            .ignore();
+        self.count += 1;
+    }
+
+    fn live(&mut self, ctx: &Context, json: String) {
+        let Ok(event) = raw_json(json) else {
+            return;
+        };
+        let live = LiveEvent {
+            event,
+            trace: TraceContext::default(),
+        };
+        self.pipe.publish(ctx.bus.live_channel(), bus::encode(&live)).ignore();
+        self.count += 1;
+    }
+
+    async fn send(self, mut redis: ConnectionManager) {
+        if self.count == 0 {
+            return;
+        }
+        let sent: redis::RedisResult<()> = self.pipe.query_async(&mut redis).await;
+        if let Err(e) = sent {
+            tracing::error!(error = %e, count = self.count, "publishing replies failed");
+        }
+    }
+}

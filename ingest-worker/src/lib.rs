@@ -1,0 +1,45 @@
+//! The ingest worker: a consumer in the `ingest` group of the ingest streams.
+//!
+//! For each batch: decode the envelopes, recompute ids and verify signatures (spread over
+//! the cores), store what is storable in one Postgres transaction ([`write`]), then answer
+//! `OK` to each originating gateway and publish every stored or ephemeral event on the live
+//! channel. The shared loop ([`shared::worker`]) acknowledges the batch afterwards.
+//!
+//! **Invariant:** `OK true` for a stored kind is sent only after the transaction holding the
+//! event committed; ephemeral events are never written.
+
+mod ingest;
+mod write;
+
+use std::future::Future;
+
+use shared::bus::Role;
+use shared::config::{BusConfig, DatabaseConfig, LogConfig};
+use shared::worker::{self, WorkerConfig, WorkerError};
+
+/// Everything the ingest worker can be told, from flags or `RELAY_*` variables.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "ingest-worker", version, about = "Verifies and stores Nostr events from the ingest stream")]
+pub struct Config {
+    #[command(flatten)]
+    pub bus: BusConfig,
+    #[command(flatten)]
+    pub db: DatabaseConfig,
+    #[command(flatten)]
+    pub worker: WorkerConfig,
+    #[command(flatten)]
+    pub log: LogConfig,
+}
+
+/// Runs until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), WorkerError> {
+    worker::run(
+        Role::Ingest,
+        &config.bus,
+        &config.db,
+        &config.worker,
+        ingest::Ingest,
+        shutdown,
+    )
+    .await
+}

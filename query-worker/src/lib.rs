@@ -1,0 +1,51 @@
+//! The query worker: a consumer in the `query` group of the query streams.
+//!
+//! For each `REQ` ([`shared::bus::QueryRequest`]): every filter becomes one indexed SQL
+//! query ([`sql`]), the results are merged (ORed, duplicates removed), ordered newest first
+//! with ties by lowest id, and streamed back to the gateway in chunks, the last one marked
+//! end-of-stored-events.
+
+mod query;
+mod sql;
+
+use std::future::Future;
+
+use shared::bus::Role;
+use shared::config::{BusConfig, DatabaseConfig, LogConfig};
+use shared::worker::{self, WorkerConfig, WorkerError};
+
+/// Everything the query worker can be told, from flags or `RELAY_*` variables.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "query-worker", version, about = "Answers Nostr REQ queries from the query stream")]
+pub struct Config {
+    #[command(flatten)]
+    pub bus: BusConfig,
+    #[command(flatten)]
+    pub db: DatabaseConfig,
+    #[command(flatten)]
+    pub worker: WorkerConfig,
+    #[command(flatten)]
+    pub query: QueryConfig,
+    #[command(flatten)]
+    pub log: LogConfig,
+}
+
+/// Query limits.
+#[derive(clap::Args, Debug, Clone)]
+pub struct QueryConfig {
+    /// Events returned for a filter without `limit`.
+    #[arg(long, env = "RELAY_DEFAULT_LIMIT", default_value_t = 500)]
+    pub default_limit: u64,
+    /// The most events returned for one filter, whatever its `limit` says.
+    #[arg(long, env = "RELAY_MAX_LIMIT", default_value_t = 5000)]
+    pub max_limit: u64,
+    /// Events per reply message to the gateway; bounds the size of one pub/sub message.
+    #[arg(long, env = "RELAY_REPLY_CHUNK", default_value_t = 200)]
+    pub reply_chunk: usize,
+}
+
+/// Runs until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), WorkerError> {
+    let handler = query::Query::new(config.query.clone());
+    worker::run(Role::Query, &config.bus, &config.db, &config.worker, handler, shutdown).await
+}

@@ -1,0 +1,130 @@
+//! The query batch handler: run each `REQ`'s filters, merge, stream back, end with EOSE.
+
+use std::collections::HashSet;
+
+use deadpool_postgres::Pool;
+use futures_util::future::join_all;
+use shared::bus::{self, Entry, GatewayReply, QueryRequest, StoredEvent, TraceContext};
+use shared::event::EventId;
+use shared::message::raw_json;
+use shared::store::StoreError;
+use shared::worker::{Context, Handler};
+
+use crate::QueryConfig;
+use crate::sql::filter_query;
+
+/// The query worker's [`Handler`].
+pub struct Query {
+    config: QueryConfig,
+}
+
+impl Query {
+    /// A handler with these limits.
+    pub fn new(config: QueryConfig) -> Self {
+        Query { config }
+    }
+}
+
+/// One stored row.
+struct Row {
+    id: EventId,
+    created_at: i64,
+    json: String,
+}
+
+impl Handler for Query {
+    async fn handle(&mut self, ctx: &Context, entries: &[Entry]) {
+        let requests = entries.iter().filter_map(|entry| {
+            match entry.payload.as_deref().map(bus::decode::<QueryRequest>) {
+                Some(Ok(req)) => Some(req),
+                _ => {
+                    tracing::warn!(entry = %entry.id, "dropping undecodable query entry");
+                    None
+                }
+            }
+        });
+        join_all(requests.map(|req| self.answer(ctx, req))).await;
+    }
+}
+
+impl Query {
+    async fn answer(&self, ctx: &Context, req: QueryRequest) {
+        let channel = ctx.bus.gateway_channel(&req.gateway);
+        let mut redis = ctx.redis.clone();
+        let messages: Vec<String> = match self.run_filters(&ctx.db, &req).await {
+            Ok(rows) => self.chunks(&req, rows),
+            Err(e) => {
+                tracing::error!(error = %e, sub = %req.sub_id, "query failed");
+                vec![bus::encode(&GatewayReply::Closed {
+                    conn: req.conn,
+                    req: req.req,
+                    sub_id: req.sub_id.clone(),
+                    message: "error: could not query the database".into(),
+                })]
+            }
+        };
+        let mut pipe = redis::pipe();
+        for m in messages {
+            pipe.publish(&channel, m).ignore();
+        }
+        let sent: redis::RedisResult<()> = pipe.query_async(&mut redis).await;
+        if let Err(e) = sent {
+            tracing::error!(error = %e, sub = %req.sub_id, "sending query results failed");
+        }
+    }
+
+    /// Runs each filter and merges: duplicates dropped, newest first, ties by lowest id.
+    async fn run_filters(&self, db: &Pool, req: &QueryRequest) -> Result<Vec<Row>, StoreError> {
+        let client = db.get().await?;
+        let mut seen = HashSet::new();
+        let mut rows = Vec::new();
+        for filter in req.filters.iter().filter(|f| !f.is_empty_set()) {
+            let limit = filter
+                .limit
+                .unwrap_or(self.config.default_limit)
+                .min(self.config.max_limit);
+            if limit == 0 {
+                continue;
+            }
+            let q = filter_query(filter, limit as i64);
+            let stmt = client.prepare_cached(&q.sql).await?;
+            for row in client.query(&stmt, &q.param_refs()).await? {
+                let id_bytes: &[u8] = row.get(0);
+                let Ok(id) = <[u8; 32]>::try_from(id_bytes).map(EventId::from_bytes) else {
+                    continue;
+                };
+                if seen.insert(id) {
+                    rows.push(Row { id, created_at: row.get(1), json: row.get(2) });
+                }
+            }
+        }
+        rows.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
+        Ok(rows)
+    }
+
+    /// Splits the rows into reply messages; the last (possibly empty) one carries EOSE.
+    fn chunks(&self, req: &QueryRequest, rows: Vec<Row>) -> Vec<String> {
+        let size = self.config.reply_chunk.max(1);
+        let mut events: Vec<StoredEvent> = rows
+            .into_iter()
+            .filter_map(|r| raw_json(r.json).ok().map(|json| StoredEvent { id: r.id, json }))
+            .collect();
+        let mut out = Vec::new();
+        loop {
+            let rest = events.split_off(size.min(events.len()));
+            let chunk = std::mem::replace(&mut events, rest);
+            let eose = events.is_empty();
+            out.push(bus::encode(&GatewayReply::Events {
+                conn: req.conn,
+                req: req.req,
+                sub_id: req.sub_id.clone(),
+                events: chunk,
+                eose,
+                trace: TraceContext::default(),
+            }));
+            if eose {
+                return out;
+            }
+        }
+    }
+}

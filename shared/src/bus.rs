@@ -1,0 +1,527 @@
+//! The bus contract: every Redis stream, consumer group and pub/sub channel the binaries use,
+//! the envelopes that travel on them, and the small Redis client pieces all binaries share.
+//!
+//! ```text
+//! <prefix>:ingest:<shard>   stream   gateway → ingest workers   IngestRequest   group "ingest"
+//! <prefix>:query:<shard>    stream   gateway → query workers    QueryRequest    group "query"
+//! <prefix>:gw:<gateway id>  channel  workers → one gateway      GatewayReply
+//! <prefix>:live             channel  ingest workers → gateways  LiveEvent
+//! <prefix>:workers:<role>   zset     worker heartbeats (member = consumer, score = unix ms)
+//! ```
+//!
+//! Stream entries carry one field, [`ENTRY_FIELD`], holding the envelope as JSON. Channel
+//! messages are the envelope as JSON. Event JSON inside envelopes is carried verbatim
+//! ([`RawValue`]) so it is serialized once, by the ingest worker, and never again.
+
+use std::fmt;
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::streams::{StreamReadOptions, StreamReadReply};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::config::BusConfig;
+use crate::event::EventId;
+use crate::filter::Filter;
+use crate::message::SubId;
+
+/// The consumer group of the ingest streams.
+pub const INGEST_GROUP: &str = "ingest";
+/// The consumer group of the query streams.
+pub const QUERY_GROUP: &str = "query";
+/// The single field of every stream entry, holding the JSON envelope.
+pub const ENTRY_FIELD: &str = "m";
+
+/// A failure talking to Redis or decoding an envelope.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BusError {
+    /// Redis refused or the connection failed.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// An envelope was not the JSON this version expects.
+    #[error("bad envelope: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// Identifies one gateway process; replies for its connections go to its own channel.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct GatewayId(String);
+
+impl GatewayId {
+    /// A fresh random id (16 hex characters), new at every start, so a restarted gateway
+    /// never receives replies meant for its previous life.
+    pub fn random() -> Self {
+        GatewayId(hex::encode(rand::random::<[u8; 8]>()))
+    }
+}
+
+impl fmt::Display for GatewayId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for GatewayId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "GatewayId({})", self.0)
+    }
+}
+
+/// A WebSocket connection, unique within its gateway.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ConnId(pub u64);
+
+/// One `REQ` as sent to the query workers, unique within its gateway. A reply whose `ReqId`
+/// is not the subscription's current one (the client replaced or closed it) is dropped.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ReqId(pub u64);
+
+/// W3C trace context (`traceparent`, optionally `tracestate`) carried with each message so a
+/// trace continues across processes. Empty when tracing is off.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceContext {
+    /// The `traceparent` header value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    /// The `tracestate` header value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
+}
+
+impl TraceContext {
+    fn is_empty(&self) -> bool {
+        self.traceparent.is_none() && self.tracestate.is_none()
+    }
+}
+
+/// Gateway → ingest worker: one `EVENT` from a client.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct IngestRequest {
+    /// The gateway holding the connection, which gets the `OK`.
+    pub gateway: GatewayId,
+    /// The connection that sent the event.
+    pub conn: ConnId,
+    /// The event as parsed by the gateway (shape checked, not yet verified).
+    pub event: Box<RawValue>,
+    /// Trace context of the gateway's receive span.
+    #[serde(default, skip_serializing_if = "TraceContext::is_empty")]
+    pub trace: TraceContext,
+}
+
+/// Gateway → query worker: the stored-events part of one `REQ`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct QueryRequest {
+    /// The gateway holding the subscription.
+    pub gateway: GatewayId,
+    /// The connection holding the subscription.
+    pub conn: ConnId,
+    /// Which `REQ` this is, so stale answers can be told apart.
+    pub req: ReqId,
+    /// The client's subscription id.
+    pub sub_id: SubId,
+    /// The filters, ORed. Filters with `limit: 0` are not sent.
+    pub filters: Vec<Filter>,
+    /// Trace context.
+    #[serde(default, skip_serializing_if = "TraceContext::is_empty")]
+    pub trace: TraceContext,
+}
+
+/// A stored event as it travels back to a gateway: its id (for duplicate suppression) and
+/// its JSON, verbatim.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StoredEvent {
+    /// The event id.
+    pub id: EventId,
+    /// The event JSON as stored.
+    pub json: Box<RawValue>,
+}
+
+/// Worker → gateway: a reply for one connection.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum GatewayReply {
+    /// The answer to an `EVENT`.
+    Ok {
+        /// The connection that sent it.
+        conn: ConnId,
+        /// The event answered.
+        event_id: EventId,
+        /// Whether it was accepted.
+        accepted: bool,
+        /// Empty or `prefix: text`.
+        message: String,
+        /// Trace context of the worker span.
+        #[serde(default, skip_serializing_if = "TraceContext::is_empty")]
+        trace: TraceContext,
+    },
+    /// A chunk of stored events for a `REQ`; the last chunk has `eose` set.
+    Events {
+        /// The connection.
+        conn: ConnId,
+        /// The `REQ` answered.
+        req: ReqId,
+        /// The subscription.
+        sub_id: SubId,
+        /// Events, newest first.
+        events: Vec<StoredEvent>,
+        /// Whether this chunk ends the stored events.
+        eose: bool,
+        /// Trace context of the worker span.
+        #[serde(default, skip_serializing_if = "TraceContext::is_empty")]
+        trace: TraceContext,
+    },
+    /// The `REQ` could not be answered (`prefix: text`); the subscription is over.
+    Closed {
+        /// The connection.
+        conn: ConnId,
+        /// The `REQ` answered.
+        req: ReqId,
+        /// The subscription.
+        sub_id: SubId,
+        /// `prefix: text`.
+        message: String,
+    },
+}
+
+/// Ingest worker → every gateway: an event to deliver to matching live subscriptions.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LiveEvent {
+    /// The event JSON, verified, as stored (or, for ephemeral kinds, as received).
+    pub event: Box<RawValue>,
+    /// Trace context of the ingest span.
+    #[serde(default, skip_serializing_if = "TraceContext::is_empty")]
+    pub trace: TraceContext,
+}
+
+/// Encodes an envelope as JSON.
+pub fn encode<T: Serialize>(envelope: &T) -> String {
+    // ok: envelopes are strings, integers and already-valid raw JSON; serializing cannot fail.
+    serde_json::to_string(envelope).expect("envelope serializes")
+}
+
+/// Decodes an envelope.
+pub fn decode<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, BusError> {
+    Ok(serde_json::from_str(text)?)
+}
+
+/// The names of everything on the bus, under one prefix.
+#[derive(Clone, Debug)]
+pub struct Bus {
+    prefix: String,
+    shards: u16,
+}
+
+/// The role of a worker, for stream names and heartbeats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Reads the ingest streams.
+    Ingest,
+    /// Reads the query streams.
+    Query,
+}
+
+impl Role {
+    /// `"ingest"` or `"query"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Ingest => "ingest",
+            Role::Query => "query",
+        }
+    }
+
+    /// The consumer group of this role's streams.
+    pub fn group(self) -> &'static str {
+        match self {
+            Role::Ingest => INGEST_GROUP,
+            Role::Query => QUERY_GROUP,
+        }
+    }
+}
+
+impl Bus {
+    /// The names for a configuration.
+    pub fn new(config: &BusConfig) -> Self {
+        Bus {
+            prefix: config.bus_prefix.clone(),
+            shards: config.bus_shards.max(1),
+        }
+    }
+
+    /// Every stream of a role, one per shard.
+    pub fn streams(&self, role: Role) -> Vec<String> {
+        (0..self.shards)
+            .map(|n| format!("{}:{}:{n}", self.prefix, role.name()))
+            .collect()
+    }
+
+    /// The ingest stream for an event: shards by the id's first two bytes.
+    pub fn ingest_stream(&self, id: &EventId) -> String {
+        let b = id.as_bytes();
+        let n = u16::from_be_bytes([b[0], b[1]]) % self.shards;
+        format!("{}:ingest:{n}", self.prefix)
+    }
+
+    /// The query stream for a connection's requests: all of one connection's `REQ`s go to
+    /// the same shard.
+    pub fn query_stream(&self, conn: ConnId) -> String {
+        let n = (conn.0 % u64::from(self.shards)) as u16;
+        format!("{}:query:{n}", self.prefix)
+    }
+
+    /// The channel a gateway listens on for its replies.
+    pub fn gateway_channel(&self, gateway: &GatewayId) -> String {
+        format!("{}:gw:{gateway}", self.prefix)
+    }
+
+    /// The channel every gateway listens on for live events.
+    pub fn live_channel(&self) -> String {
+        format!("{}:live", self.prefix)
+    }
+
+    /// The sorted set of a role's worker heartbeats.
+    pub fn heartbeat_key(&self, role: Role) -> String {
+        format!("{}:workers:{}", self.prefix, role.name())
+    }
+}
+
+/// Opens a self-reconnecting Redis connection, retrying the first connect until it works
+/// or `give_up_after` passes. `response_timeout` bounds each command (use a value above any
+/// `BLOCK` time for connections that run blocking reads).
+pub async fn connect(
+    url: &str,
+    response_timeout: Duration,
+    give_up_after: Duration,
+) -> Result<ConnectionManager, BusError> {
+    let client = redis::Client::open(url)?;
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(response_timeout))
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_max_delay(Duration::from_secs(2));
+    let deadline = tokio::time::Instant::now() + give_up_after;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match client.get_connection_manager_with_config(config.clone()).await {
+            Ok(conn) => return Ok(conn),
+            Err(e) if tokio::time::Instant::now() + delay < deadline => {
+                tracing::warn!(error = %e, "redis not reachable yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Creates `group` on `stream` (and the stream) if missing. The group starts at the
+/// beginning of the stream, so entries added before any worker existed are not skipped.
+pub async fn ensure_group(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+) -> Result<(), BusError> {
+    let created: redis::RedisResult<()> = conn.xgroup_create_mkstream(stream, group, "0").await;
+    match created {
+        Ok(()) => Ok(()),
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Appends an envelope to a stream.
+pub async fn add_entry(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    envelope: &str,
+) -> Result<(), BusError> {
+    let _: String = conn.xadd(stream, "*", &[(ENTRY_FIELD, envelope)]).await?;
+    Ok(())
+}
+
+/// One stream entry read by a consumer.
+#[derive(Debug)]
+pub struct Entry {
+    /// The stream it came from.
+    pub stream: String,
+    /// Its entry id.
+    pub id: String,
+    /// The envelope JSON, or `None` when the entry had no readable [`ENTRY_FIELD`].
+    pub payload: Option<String>,
+}
+
+/// A consumer in a group over every shard of a role's streams.
+pub struct Consumer {
+    conn: ConnectionManager,
+    streams: Vec<String>,
+    group: &'static str,
+    name: String,
+    batch: usize,
+    block: Duration,
+}
+
+impl Consumer {
+    /// Joins (creating if needed) the role's group on every shard.
+    pub async fn join(
+        mut conn: ConnectionManager,
+        bus: &Bus,
+        role: Role,
+        name: String,
+        batch: usize,
+        block: Duration,
+    ) -> Result<Self, BusError> {
+        let streams = bus.streams(role);
+        for stream in &streams {
+            ensure_group(&mut conn, stream, role.group()).await?;
+        }
+        Ok(Consumer {
+            conn,
+            streams,
+            group: role.group(),
+            name,
+            batch,
+            block,
+        })
+    }
+
+    /// This consumer's name in the group.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads up to `batch` new entries, waiting at most `block` for the first one.
+    pub async fn read(&mut self) -> Result<Vec<Entry>, BusError> {
+        let opts = StreamReadOptions::default()
+            .group(self.group, &self.name)
+            .count(self.batch)
+            .block(self.block.as_millis() as usize);
+        let ids: Vec<&str> = self.streams.iter().map(|_| ">").collect();
+        let reply: Option<StreamReadReply> =
+            self.conn.xread_options(&self.streams, &ids, &opts).await?;
+        let mut out = Vec::new();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            for entry in key.ids {
+                let payload = entry
+                    .map
+                    .get(ENTRY_FIELD)
+                    .and_then(|v| redis::from_redis_value_ref::<String>(v).ok());
+                out.push(Entry {
+                    stream: key.key.clone(),
+                    id: entry.id,
+                    payload,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Acknowledges and deletes handled entries. Deleting is safe because each stream has
+    /// exactly one consumer group; it keeps the streams from growing.
+    pub async fn ack(&mut self, entries: &[Entry]) -> Result<(), BusError> {
+        let mut pipe = redis::pipe();
+        for stream in &self.streams {
+            let ids: Vec<&str> = entries
+                .iter()
+                .filter(|e| &e.stream == stream)
+                .map(|e| e.id.as_str())
+                .collect();
+            if !ids.is_empty() {
+                pipe.xack(stream, self.group, &ids).ignore();
+                pipe.xdel(stream, &ids).ignore();
+            }
+        }
+        let () = pipe.query_async(&mut self.conn).await?;
+        Ok(())
+    }
+}
+
+/// Records that a worker is alive and healthy (Redis and its database reachable), so
+/// gateways can tell whether the cluster is ready. Entries older than `stale` are pruned.
+pub async fn heartbeat(
+    conn: &mut ConnectionManager,
+    bus: &Bus,
+    role: Role,
+    consumer: &str,
+    stale: Duration,
+) -> Result<(), BusError> {
+    let key = bus.heartbeat_key(role);
+    let now = unix_millis();
+    let () = redis::pipe()
+        .zadd(&key, consumer, now)
+        .ignore()
+        .zrembyscore(&key, 0, now - stale.as_millis() as i64)
+        .ignore()
+        .query_async(conn)
+        .await?;
+    Ok(())
+}
+
+/// How many workers of a role sent a heartbeat within `fresh`.
+pub async fn live_workers(
+    conn: &mut ConnectionManager,
+    bus: &Bus,
+    role: Role,
+    fresh: Duration,
+) -> Result<usize, BusError> {
+    let now = unix_millis();
+    let n: usize = conn
+        .zcount(bus.heartbeat_key(role), now - fresh.as_millis() as i64, "+inf")
+        .await?;
+    Ok(n)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bus(shards: u16) -> Bus {
+        Bus::new(&BusConfig {
+            redis_url: String::new(),
+            bus_prefix: "t".into(),
+            bus_shards: shards,
+        })
+    }
+
+    #[test]
+    fn names_live_under_the_prefix() {
+        let b = bus(2);
+        assert_eq!(b.streams(Role::Ingest), vec!["t:ingest:0", "t:ingest:1"]);
+        assert_eq!(b.query_stream(ConnId(3)), "t:query:1");
+        assert_eq!(b.live_channel(), "t:live");
+        let id = EventId::from_bytes([0xff; 32]);
+        assert_eq!(b.ingest_stream(&id), "t:ingest:1");
+        assert_eq!(bus(1).ingest_stream(&id), "t:ingest:0");
+    }
+
+    #[test]
+    fn envelopes_round_trip_with_raw_event_json() {
+        let json = r#"{"id":"x", "content":"a \"b\""}"#;
+        let live = LiveEvent {
+            event: RawValue::from_string(json.into()).expect("valid json"),
+            trace: TraceContext::default(),
+        };
+        let text = encode(&live);
+        assert!(!text.contains("trace"), "empty trace context is omitted: {text}");
+        let back: LiveEvent = decode(&text).expect("decodes");
+        assert_eq!(back.event.get(), json);
+        let reply = GatewayReply::Ok {
+            conn: ConnId(7),
+            event_id: EventId::from_bytes([1; 32]),
+            accepted: true,
+            message: String::new(),
+            trace: TraceContext::default(),
+        };
+        let back: GatewayReply = decode(&encode(&reply)).expect("decodes");
+        assert!(matches!(back, GatewayReply::Ok { conn: ConnId(7), accepted: true, .. }));
+    }
+}

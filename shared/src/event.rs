@@ -1,0 +1,566 @@
+//! NIP-01 events: typed ids and keys, parsing, canonical serialization, id and signature checks.
+//!
+//! An [`Event`] is only built by [`Event::from_json`] (or [`Event::from_value`]), which checks
+//! the shape of every field (64-char lowercase hex, integer ranges, tags as arrays of strings).
+//! Whether the id and signature are *right* is a separate, more expensive step:
+//! [`Event::verify`], run by the ingest workers.
+
+use std::fmt;
+
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use sha2::{Digest, Sha256};
+
+/// Why an event (or one of its fields) was refused. Every variant maps to the `invalid:` prefix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EventError {
+    /// The message is not JSON of the event's shape (missing field, wrong type, bad number).
+    #[error("malformed event: {0}")]
+    Malformed(String),
+    /// A field that must be 64 or 128 characters of lowercase hex is not.
+    #[error("{field} must be {len} lowercase hex characters")]
+    BadHex {
+        /// The event field that failed.
+        field: &'static str,
+        /// The number of hex characters expected.
+        len: usize,
+    },
+    /// A tag is an empty array (NIP-01: a tag is an array of one or more strings).
+    #[error("tag {0} is empty; a tag has at least one string")]
+    EmptyTag(usize),
+    /// The id is not the sha256 of the canonical serialization.
+    #[error("event id does not match its content")]
+    IdMismatch,
+    /// The pubkey is not a valid x-only secp256k1 key.
+    #[error("pubkey is not a valid secp256k1 key")]
+    BadPubKey,
+    /// The BIP-340 signature does not verify.
+    #[error("signature is not valid")]
+    BadSignature,
+}
+
+impl EventError {
+    /// The NIP-01 machine-readable prefix for this rejection.
+    pub fn prefix(&self) -> &'static str {
+        "invalid"
+    }
+}
+
+/// Decodes exactly `N` bytes from lowercase hex; uppercase and odd lengths are refused.
+fn decode_lower_hex<const N: usize>(s: &str, field: &'static str) -> Result<[u8; N], EventError> {
+    let bad = || EventError::BadHex { field, len: N * 2 };
+    if s.len() != N * 2 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(bad());
+    }
+    let mut out = [0u8; N];
+    hex::decode_to_slice(s, &mut out).map_err(|_| bad())?;
+    Ok(out)
+}
+
+macro_rules! hex_id {
+    ($(#[$doc:meta])* $name:ident, $len:expr, $field:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name([u8; $len]);
+
+        impl $name {
+            /// Parses lowercase hex of exactly the right length.
+            pub fn from_hex(s: &str) -> Result<Self, EventError> {
+                decode_lower_hex::<$len>(s, $field).map(Self)
+            }
+            /// Wraps raw bytes (always valid).
+            pub fn from_bytes(bytes: [u8; $len]) -> Self {
+                Self(bytes)
+            }
+            /// The raw bytes.
+            pub fn as_bytes(&self) -> &[u8; $len] {
+                &self.0
+            }
+            /// Lowercase hex, as on the wire.
+            pub fn to_hex(&self) -> String {
+                hex::encode(self.0)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.to_hex())
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($name), self.to_hex())
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.to_hex())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                Self::from_hex(&s).map_err(D::Error::custom)
+            }
+        }
+    };
+}
+
+hex_id!(
+    /// A 32-byte event id: the sha256 of the event's canonical serialization.
+    EventId, 32, "id"
+);
+hex_id!(
+    /// A 32-byte x-only secp256k1 public key (the event author).
+    PubKey, 32, "pubkey"
+);
+hex_id!(
+    /// A 64-byte BIP-340 Schnorr signature.
+    Signature, 64, "sig"
+);
+
+/// An event kind, 0..=65535.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Kind(pub u16);
+
+/// How a relay treats a kind (NIP-01 "Kinds").
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum KindClass {
+    /// Stored, every one of them.
+    Regular,
+    /// Only the newest per (pubkey, kind) is kept: 0, 3, 10000–19999.
+    Replaceable,
+    /// Never stored, only fanned out: 20000–29999.
+    Ephemeral,
+    /// Only the newest per (pubkey, kind, `d` tag) is kept: 30000–39999.
+    Addressable,
+}
+
+impl Kind {
+    /// The storage class of this kind. Kinds NIP-01 leaves unassigned are treated as regular.
+    pub fn class(self) -> KindClass {
+        match self.0 {
+            0 | 3 | 10000..=19999 => KindClass::Replaceable,
+            20000..=29999 => KindClass::Ephemeral,
+            30000..=39999 => KindClass::Addressable,
+            _ => KindClass::Regular,
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A structurally valid NIP-01 event. Its id and signature are checked by [`Event::verify`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Event {
+    /// The claimed id.
+    pub id: EventId,
+    /// The author.
+    pub pubkey: PubKey,
+    /// Unix seconds, as the author claims.
+    pub created_at: i64,
+    /// The kind.
+    pub kind: Kind,
+    /// Tags: each an array of one or more strings.
+    pub tags: Vec<Vec<String>>,
+    /// The content, any string.
+    pub content: String,
+    /// The claimed signature over `id`.
+    pub sig: Signature,
+}
+
+/// The wire shape before field checks, so that errors can name the field.
+#[derive(Deserialize)]
+struct WireEvent {
+    id: String,
+    pubkey: String,
+    created_at: serde_json::Number,
+    kind: serde_json::Number,
+    tags: Vec<Vec<String>>,
+    content: String,
+    sig: String,
+}
+
+impl Event {
+    /// Parses an event from JSON text and checks each field's shape.
+    pub fn from_json(text: &str) -> Result<Self, EventError> {
+        let wire: WireEvent =
+            serde_json::from_str(text).map_err(|e| EventError::Malformed(e.to_string()))?;
+        Self::from_wire(wire)
+    }
+
+    /// Parses an event from an already-parsed JSON value.
+    pub fn from_value(value: serde_json::Value) -> Result<Self, EventError> {
+        let wire: WireEvent =
+            serde_json::from_value(value).map_err(|e| EventError::Malformed(e.to_string()))?;
+        Self::from_wire(wire)
+    }
+
+    fn from_wire(w: WireEvent) -> Result<Self, EventError> {
+        let created_at = w
+            .created_at
+            .as_u64()
+            .and_then(|n| i64::try_from(n).ok())
+            .ok_or_else(|| {
+                EventError::Malformed("created_at must be a non-negative integer".into())
+            })?;
+        let kind = w
+            .kind
+            .as_u64()
+            .and_then(|n| u16::try_from(n).ok())
+            .ok_or_else(|| EventError::Malformed("kind must be an integer 0..=65535".into()))?;
+        if let Some(i) = w.tags.iter().position(Vec::is_empty) {
+            return Err(EventError::EmptyTag(i));
+        }
+        Ok(Event {
+            id: EventId::from_hex(&w.id)?,
+            pubkey: PubKey::from_hex(&w.pubkey)?,
+            created_at,
+            kind: Kind(kind),
+            tags: w.tags,
+            content: w.content,
+            sig: Signature::from_hex(&w.sig)?,
+        })
+    }
+
+    /// The NIP-01 canonical serialization `[0,pubkey,created_at,kind,tags,content]`,
+    /// with exactly NIP-01's escaping: `\n \" \\ \r \t \b \f`, everything else verbatim.
+    pub fn canonical_json(&self) -> String {
+        canonical_json(
+            &self.pubkey,
+            self.created_at,
+            self.kind,
+            &self.tags,
+            &self.content,
+        )
+    }
+
+    /// The id this event should have: sha256 of its canonical serialization.
+    pub fn compute_id(&self) -> EventId {
+        compute_id(
+            &self.pubkey,
+            self.created_at,
+            self.kind,
+            &self.tags,
+            &self.content,
+        )
+    }
+
+    /// Checks the id against the content and the BIP-340 signature against the id.
+    pub fn verify(&self) -> Result<(), EventError> {
+        if self.compute_id() != self.id {
+            return Err(EventError::IdMismatch);
+        }
+        let key = secp256k1::XOnlyPublicKey::from_byte_array(*self.pubkey.as_bytes())
+            .map_err(|_| EventError::BadPubKey)?;
+        let sig = secp256k1::schnorr::Signature::from_byte_array(*self.sig.as_bytes());
+        secp256k1::schnorr::verify(&sig, self.id.as_bytes(), &key)
+            .map_err(|_| EventError::BadSignature)
+    }
+
+    /// The event as JSON, the form stored and served to clients.
+    pub fn to_json(&self) -> String {
+        // ok: serializing a struct of strings and integers cannot fail.
+        serde_json::to_string(self).expect("event serializes")
+    }
+
+    /// The storage class of this event's kind.
+    pub fn class(&self) -> KindClass {
+        self.kind.class()
+    }
+
+    /// The `d` tag value that addresses this event among its (pubkey, kind) siblings:
+    /// `Some("")` for replaceable kinds, the first `d` tag's value (or `""`) for addressable
+    /// kinds, and `None` for kinds that are not replaced.
+    pub fn replace_key(&self) -> Option<&str> {
+        match self.class() {
+            KindClass::Replaceable => Some(""),
+            KindClass::Addressable => Some(
+                self.tags
+                    .iter()
+                    .find(|t| t.first().map(String::as_str) == Some("d"))
+                    .and_then(|t| t.get(1))
+                    .map_or("", String::as_str),
+            ),
+            KindClass::Regular | KindClass::Ephemeral => None,
+        }
+    }
+
+    /// The indexed tags: `(letter, first value)` for every tag whose name is one ASCII letter
+    /// and which has a value (NIP-01: only the first value of a tag is indexed).
+    pub fn indexed_tags(&self) -> impl Iterator<Item = (char, &str)> {
+        self.tags.iter().filter_map(|t| {
+            let name = t.first()?;
+            let value = t.get(1)?;
+            let mut chars = name.chars();
+            match (chars.next(), chars.next()) {
+                (Some(c), None) if c.is_ascii_alphabetic() => Some((c, value.as_str())),
+                _ => None,
+            }
+        })
+    }
+
+}
+
+/// The canonical serialization of an unsigned event's fields.
+pub fn canonical_json(
+    pubkey: &PubKey,
+    created_at: i64,
+    kind: Kind,
+    tags: &[Vec<String>],
+    content: &str,
+) -> String {
+    let mut out = String::with_capacity(96 + content.len() + tags.len() * 80);
+    out.push_str("[0,\"");
+    out.push_str(&pubkey.to_hex());
+    out.push_str("\",");
+    out.push_str(&created_at.to_string());
+    out.push(',');
+    out.push_str(&kind.0.to_string());
+    out.push_str(",[");
+    for (i, tag) in tags.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('[');
+        for (j, s) in tag.iter().enumerate() {
+            if j > 0 {
+                out.push(',');
+            }
+            push_escaped(&mut out, s);
+        }
+        out.push(']');
+    }
+    out.push_str("],");
+    push_escaped(&mut out, content);
+    out.push(']');
+    out
+}
+
+/// sha256 of the canonical serialization.
+pub fn compute_id(
+    pubkey: &PubKey,
+    created_at: i64,
+    kind: Kind,
+    tags: &[Vec<String>],
+    content: &str,
+) -> EventId {
+    let digest = Sha256::digest(canonical_json(pubkey, created_at, kind, tags, content).as_bytes());
+    let mut id = [0u8; 32];
+    id.copy_from_slice(&digest);
+    EventId(id)
+}
+
+/// Appends `s` as a JSON string with NIP-01's escaping rules.
+fn push_escaped(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{08}' => out.push_str("\\b"),
+            '\u{0C}' => out.push_str("\\f"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Builds and signs events: used by tests, the load generator and operator tools.
+pub mod signing {
+    use super::*;
+
+    /// A secret key able to sign events.
+    pub struct Keys {
+        keypair: secp256k1::Keypair,
+        pubkey: PubKey,
+    }
+
+    impl Keys {
+        /// A fresh random key.
+        pub fn generate() -> Self {
+            loop {
+                let bytes: [u8; 32] = rand::random();
+                if let Ok(keys) = Self::from_secret_bytes(bytes) {
+                    return keys;
+                }
+            }
+        }
+
+        /// A key from 32 secret bytes; fails for the (astronomically rare) invalid scalars.
+        pub fn from_secret_bytes(bytes: [u8; 32]) -> Result<Self, EventError> {
+            let sk = secp256k1::SecretKey::from_secret_bytes(bytes)
+                .map_err(|_| EventError::BadPubKey)?;
+            let keypair = secp256k1::Keypair::from_secret_key(&sk);
+            let (xonly, _) = keypair.x_only_public_key();
+            Ok(Keys {
+                keypair,
+                pubkey: PubKey(xonly.to_byte_array()),
+            })
+        }
+
+        /// The public key.
+        pub fn pubkey(&self) -> PubKey {
+            self.pubkey
+        }
+
+        /// Builds, hashes and signs an event.
+        pub fn sign(
+            &self,
+            created_at: i64,
+            kind: Kind,
+            tags: Vec<Vec<String>>,
+            content: impl Into<String>,
+        ) -> Event {
+            let content = content.into();
+            let id = compute_id(&self.pubkey, created_at, kind, &tags, &content);
+            let sig = secp256k1::schnorr::sign_no_aux_rand(id.as_bytes(), &self.keypair);
+            Event {
+                id,
+                pubkey: self.pubkey,
+                created_at,
+                kind,
+                tags,
+                content,
+                sig: Signature(sig.to_byte_array()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::signing::Keys;
+    use super::*;
+
+    /// A real event from the network (NIP-01 kind 1), as published by a widely used client.
+    const KNOWN_GOOD: &str = r#"{"id":"b9fead6eef87d8400cbc1a5621600b360438affb9760a6a043cc0bddea21dab6","pubkey":"82341f882b6eabcd2ba7f1ef90aad961cf074af15b9ef44a09f9d2a8fbfbe6a2","created_at":1676161639,"kind":1,"tags":[],"content":"this is going to work","sig":"76d19889a803236165a290fa8f3cf5365af8977ee1e002afcfd37063d1355fc755d0293d27ba0ec1c2468acfaf95b7e950e57df275bb32d7a4a3136f8862d2b7"}"#;
+
+    #[test]
+    fn known_good_event_verifies() {
+        let event = Event::from_json(KNOWN_GOOD).expect("parses");
+        assert_eq!(event.compute_id(), event.id);
+        event.verify().expect("valid signature");
+    }
+
+    #[test]
+    fn tampered_content_is_an_id_mismatch() {
+        let tampered = KNOWN_GOOD.replace("going to work", "going to fail");
+        let event = Event::from_json(&tampered).expect("parses");
+        assert_eq!(event.verify(), Err(EventError::IdMismatch));
+    }
+
+    #[test]
+    fn tampered_signature_fails() {
+        let mut event = Event::from_json(KNOWN_GOOD).expect("parses");
+        event.sig.0[10] ^= 1;
+        assert_eq!(event.verify(), Err(EventError::BadSignature));
+    }
+
+    #[test]
+    fn canonical_escaping_follows_nip01_exactly() {
+        let pk = PubKey([0xab; 32]);
+        let json = canonical_json(
+            &pk,
+            1,
+            Kind(1),
+            &[vec!["t".into(), "a\"b".into()]],
+            "l\n\"q\"\\\r\t\u{8}\u{c}\u{1}é/😀",
+        );
+        let expected = format!(
+            "[0,\"{}\",1,1,[[\"t\",\"a\\\"b\"]],\"l\\n\\\"q\\\"\\\\\\r\\t\\b\\f\u{1}é/😀\"]",
+            "ab".repeat(32)
+        );
+        assert_eq!(json, expected);
+    }
+
+    #[test]
+    fn ids_and_signatures_agree_with_an_independent_implementation() {
+        let keys = Keys::generate();
+        let contents = ["plain", "line\nbreak \"quoted\" back\\slash\ttab", "ünïcødé 🎉 \u{2028}"];
+        for (i, content) in contents.into_iter().enumerate() {
+            let ours = keys.sign(
+                1_700_000_000 + i as i64,
+                Kind(1),
+                vec![vec!["p".into(), "x".repeat(3)], vec!["t".into()]],
+                content,
+            );
+            let theirs = nostr::event::Event::from_json(ours.to_json()).expect("nostr parses");
+            theirs.verify().expect("nostr verifies our id and signature");
+            let round = Event::from_json(&theirs.as_json()).expect("we parse theirs");
+            round.verify().expect("we verify");
+            assert_eq!(round, ours);
+        }
+    }
+
+    #[test]
+    fn shape_errors_are_named() {
+        let cases = [
+            (KNOWN_GOOD.replace("\"id\":\"b9", "\"id\":\"B9"), "id must be"),
+            (KNOWN_GOOD.replace("82341f882b", "82341f88"), "pubkey must be"),
+            (KNOWN_GOOD.replace("1676161639", "-5"), "created_at"),
+            (KNOWN_GOOD.replace("1676161639", "1.5"), "created_at"),
+            (KNOWN_GOOD.replace("\"kind\":1", "\"kind\":70000"), "kind"),
+            (KNOWN_GOOD.replace("\"tags\":[]", "\"tags\":[[]]"), "tag 0 is empty"),
+            (KNOWN_GOOD.replace("\"tags\":[]", "\"tags\":[[1]]"), "malformed"),
+            (KNOWN_GOOD.replace(",\"content\":\"this is going to work\"", ""), "content"),
+        ];
+        for (json, needle) in cases {
+            let err = Event::from_json(&json).expect_err(&json).to_string();
+            assert!(err.contains(needle), "{err} should mention {needle}");
+        }
+    }
+
+    #[test]
+    fn kind_classes() {
+        for (k, class) in [
+            (0, KindClass::Replaceable),
+            (1, KindClass::Regular),
+            (3, KindClass::Replaceable),
+            (4, KindClass::Regular),
+            (9999, KindClass::Regular),
+            (10000, KindClass::Replaceable),
+            (19999, KindClass::Replaceable),
+            (20000, KindClass::Ephemeral),
+            (29999, KindClass::Ephemeral),
+            (30000, KindClass::Addressable),
+            (39999, KindClass::Addressable),
+            (40000, KindClass::Regular),
+        ] {
+            assert_eq!(Kind(k).class(), class, "kind {k}");
+        }
+    }
+
+    #[test]
+    fn replace_key_and_indexed_tags() {
+        let keys = Keys::generate();
+        let tags = vec![
+            vec!["d".into(), "slug".into()],
+            vec!["d".into(), "second".into()],
+            vec!["e".into(), "x".into(), "relay".into()],
+            vec!["alt".into(), "long name".into()],
+            vec!["p".into()],
+        ];
+        let addressable = keys.sign(1, Kind(30023), tags.clone(), "");
+        assert_eq!(addressable.replace_key(), Some("slug"));
+        assert_eq!(
+            addressable.indexed_tags().collect::<Vec<_>>(),
+            vec![('d', "slug"), ('d', "second"), ('e', "x")]
+        );
+        assert_eq!(keys.sign(1, Kind(30000), vec![], "").replace_key(), Some(""));
+        assert_eq!(keys.sign(1, Kind(10002), tags.clone(), "").replace_key(), Some(""));
+        assert_eq!(keys.sign(1, Kind(1), tags, "").replace_key(), None);
+    }
+}

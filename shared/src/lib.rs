@@ -1,0 +1,36 @@
+//! The protocol and bus contract shared by the gateway and the workers.
+//!
+//! - [`event`]: NIP-01 events, typed ids and keys, canonical serialization, id and BIP-340
+//!   signature checks, kind classes.
+//! - [`filter`]: NIP-01 filters, their parsing and in-memory matching.
+//! - [`message`]: client and relay messages (parse and serialize).
+//! - [`bus`]: Redis stream and channel names, the envelopes on them, and the consumer used
+//!   by both workers.
+//! - [`config`]: configuration pieces every binary flattens into its own `Config`.
+//! - [`telemetry`]: logging setup.
+//! - [`shutdown`]: the SIGINT/SIGTERM future.
+//! - `store` (feature `worker`): the Postgres schema, migrations and pool.
+//! - `worker` (feature `worker`): the read → handle → ack loop both workers run.
+//!
+//! **Invariant:** nothing here knows about axum or WebSockets; the binaries depend on this
+//! crate and never on each other.
+#![deny(missing_docs)]
+
+pub mod bus;
+pub mod config;
+pub mod event;
+pub mod filter;
+pub mod message;
+pub mod shutdown;
+#[cfg(feature = "worker")]
+pub mod store;
+pub mod telemetry;
+#[cfg(feature = "worker")]
+pub mod worker;
+
+/// Seconds since the Unix epoch, from the system clock.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}

@@ -1,0 +1,380 @@
+//! NIP-01 messages: client → relay parsing, relay → client serialization (and parsing, for
+//! clients such as the tests and the load generator).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::event::{Event, EventError, EventId};
+use crate::filter::{Filter, FilterError};
+
+/// A subscription id: a non-empty string of at most 64 characters (NIP-01).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct SubId(String);
+
+/// The NIP-01 maximum length of a subscription id, in characters.
+pub const MAX_SUB_ID_CHARS: usize = 64;
+
+impl SubId {
+    /// Checks the NIP-01 rules: non-empty, at most 64 characters.
+    pub fn new(s: impl Into<String>) -> Result<Self, MessageError> {
+        let s = s.into();
+        if s.is_empty() || s.chars().count() > MAX_SUB_ID_CHARS {
+            return Err(MessageError::BadSubId);
+        }
+        Ok(SubId(s))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for SubId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        SubId::new(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for SubId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for SubId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SubId({:?})", self.0)
+    }
+}
+
+/// A message from a client.
+#[derive(Debug, Clone)]
+pub enum ClientMessage {
+    /// `["EVENT", <event>]`: publish.
+    Event(Box<Event>),
+    /// `["REQ", <sub_id>, <filter>...]`: query and subscribe.
+    Req {
+        /// The subscription id, unique per connection.
+        sub_id: SubId,
+        /// One or more filters, ORed.
+        filters: Vec<Filter>,
+    },
+    /// `["CLOSE", <sub_id>]`: stop a subscription.
+    Close(SubId),
+}
+
+/// Why a client message was refused. [`MessageError::prefix`] gives the NIP-01 prefix; the
+/// gateway answers with `OK false` when an event id is known, `CLOSED` when a subscription
+/// id is known, and `NOTICE` otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MessageError {
+    /// Not parseable as JSON.
+    #[error("could not parse message as JSON: {0}")]
+    NotJson(String),
+    /// JSON, but not an array starting with a string verb.
+    #[error("message must be a JSON array starting with a command name")]
+    NotCommand,
+    /// A verb this relay does not implement.
+    #[error("unknown command {0:?}")]
+    UnknownVerb(String),
+    /// The subscription id is missing, not a string, empty, or longer than 64 characters.
+    #[error("subscription id must be a string of 1 to 64 characters")]
+    BadSubId,
+    /// An `EVENT` message with a malformed event.
+    #[error("{error}")]
+    BadEvent {
+        /// The event id, when the message carried a readable one (so `OK false` can be sent).
+        id: Option<EventId>,
+        /// What is wrong with the event.
+        error: EventError,
+    },
+    /// A `REQ` with a malformed filter.
+    #[error("{error}")]
+    BadFilter {
+        /// The subscription id (already checked).
+        sub_id: SubId,
+        /// What is wrong with the filter.
+        error: FilterError,
+    },
+    /// A message with the wrong number of elements for its verb.
+    #[error("{verb} expects {expected}")]
+    BadArity {
+        /// The verb.
+        verb: &'static str,
+        /// What it expects.
+        expected: &'static str,
+    },
+}
+
+impl MessageError {
+    /// The NIP-01 machine-readable prefix.
+    pub fn prefix(&self) -> &'static str {
+        match self {
+            MessageError::BadFilter { error, .. } => error.prefix(),
+            MessageError::UnknownVerb(_) => "unsupported",
+            _ => "invalid",
+        }
+    }
+
+    /// `"<prefix>: <message>"`, ready for `OK`, `CLOSED` or `NOTICE`.
+    pub fn reason(&self) -> String {
+        format!("{}: {}", self.prefix(), self)
+    }
+}
+
+impl ClientMessage {
+    /// Parses one client text frame.
+    pub fn parse(text: &str) -> Result<Self, MessageError> {
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| MessageError::NotJson(e.to_string()))?;
+        let Value::Array(mut items) = value else {
+            return Err(MessageError::NotCommand);
+        };
+        let verb = match items.first() {
+            Some(Value::String(v)) => v.clone(),
+            _ => return Err(MessageError::NotCommand),
+        };
+        match verb.as_str() {
+            "EVENT" => {
+                if items.len() != 2 {
+                    return Err(MessageError::BadArity {
+                        verb: "EVENT",
+                        expected: "one event object",
+                    });
+                }
+                let raw = items.pop().unwrap_or(Value::Null);
+                let id = raw
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .and_then(|s| EventId::from_hex(s).ok());
+                Event::from_value(raw)
+                    .map(|e| ClientMessage::Event(Box::new(e)))
+                    .map_err(|error| MessageError::BadEvent { id, error })
+            }
+            "REQ" => {
+                let sub_id = sub_id_at(&items)?;
+                if items.len() < 3 {
+                    return Err(MessageError::BadArity {
+                        verb: "REQ",
+                        expected: "a subscription id and at least one filter",
+                    });
+                }
+                let filters = items[2..]
+                    .iter()
+                    .map(Filter::from_value)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|error| MessageError::BadFilter {
+                        sub_id: sub_id.clone(),
+                        error,
+                    })?;
+                Ok(ClientMessage::Req { sub_id, filters })
+            }
+            "CLOSE" => {
+                let sub_id = sub_id_at(&items)?;
+                if items.len() != 2 {
+                    return Err(MessageError::BadArity {
+                        verb: "CLOSE",
+                        expected: "exactly one subscription id",
+                    });
+                }
+                Ok(ClientMessage::Close(sub_id))
+            }
+            _ => Err(MessageError::UnknownVerb(truncate(&verb, 32))),
+        }
+    }
+}
+
+fn sub_id_at(items: &[Value]) -> Result<SubId, MessageError> {
+    match items.get(1) {
+        Some(Value::String(s)) => SubId::new(s.as_str()),
+        _ => Err(MessageError::BadSubId),
+    }
+}
+
+/// At most `max` characters of `s`, so error messages never echo a huge input back.
+fn truncate(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
+
+/// A message from the relay. The gateway builds frames with the `*_frame` functions (no
+/// intermediate value); clients parse frames with [`RelayMessage::parse`].
+#[derive(Debug, Clone)]
+pub enum RelayMessage {
+    /// `["EVENT", <sub_id>, <event>]`.
+    Event {
+        /// The subscription.
+        sub_id: String,
+        /// The event.
+        event: Box<Event>,
+    },
+    /// `["OK", <event_id>, <accepted>, <message>]`.
+    Ok {
+        /// The event id answered.
+        event_id: String,
+        /// Whether the event was accepted.
+        accepted: bool,
+        /// Empty, or `prefix: text`.
+        message: String,
+    },
+    /// `["EOSE", <sub_id>]`.
+    Eose(String),
+    /// `["CLOSED", <sub_id>, <message>]`.
+    Closed {
+        /// The subscription.
+        sub_id: String,
+        /// `prefix: text`.
+        message: String,
+    },
+    /// `["NOTICE", <message>]`.
+    Notice(String),
+}
+
+impl RelayMessage {
+    /// Parses a relay frame (for clients). Returns `None` for anything not NIP-01 shaped.
+    pub fn parse(text: &str) -> Option<Self> {
+        let items: Vec<Value> = serde_json::from_str(text).ok()?;
+        let s = |i: usize| items.get(i).and_then(Value::as_str).map(str::to_owned);
+        match items.first()?.as_str()? {
+            "EVENT" => Some(RelayMessage::Event {
+                sub_id: s(1)?,
+                event: Box::new(Event::from_value(items.get(2)?.clone()).ok()?),
+            }),
+            "OK" => Some(RelayMessage::Ok {
+                event_id: s(1)?,
+                accepted: items.get(2)?.as_bool()?,
+                message: s(3)?,
+            }),
+            "EOSE" => Some(RelayMessage::Eose(s(1)?)),
+            "CLOSED" => Some(RelayMessage::Closed {
+                sub_id: s(1)?,
+                message: s(2)?,
+            }),
+            "NOTICE" => Some(RelayMessage::Notice(s(1)?)),
+            _ => None,
+        }
+    }
+}
+
+fn json_string(s: &str) -> String {
+    // ok: serializing a &str cannot fail.
+    serde_json::to_string(s).expect("string serializes")
+}
+
+/// `["EVENT",<sub_id>,<event_json>]`, where `event_json` is the stored JSON, copied verbatim.
+pub fn event_frame(sub_id: &SubId, event_json: &str) -> String {
+    let sub = json_string(sub_id.as_str());
+    let mut out = String::with_capacity(12 + sub.len() + event_json.len());
+    out.push_str("[\"EVENT\",");
+    out.push_str(&sub);
+    out.push(',');
+    out.push_str(event_json);
+    out.push(']');
+    out
+}
+
+/// `["OK",<event_id>,<accepted>,<message>]`.
+pub fn ok_frame(event_id: &EventId, accepted: bool, message: &str) -> String {
+    format!(
+        "[\"OK\",\"{}\",{},{}]",
+        event_id,
+        accepted,
+        json_string(message)
+    )
+}
+
+/// `["EOSE",<sub_id>]`.
+pub fn eose_frame(sub_id: &SubId) -> String {
+    format!("[\"EOSE\",{}]", json_string(sub_id.as_str()))
+}
+
+/// `["CLOSED",<sub_id>,<message>]`.
+pub fn closed_frame(sub_id: &SubId, message: &str) -> String {
+    format!(
+        "[\"CLOSED\",{},{}]",
+        json_string(sub_id.as_str()),
+        json_string(message)
+    )
+}
+
+/// `["NOTICE",<message>]`.
+pub fn notice_frame(message: &str) -> String {
+    format!("[\"NOTICE\",{}]", json_string(message))
+}
+
+/// Checks that a stored event's JSON is a JSON value, for wrapping in bus envelopes.
+pub fn raw_json(text: String) -> Result<Box<RawValue>, serde_json::Error> {
+    RawValue::from_string(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Kind, signing::Keys};
+
+    #[test]
+    fn parses_the_three_verbs() {
+        let ev = Keys::generate().sign(1, Kind(1), vec![], "hi");
+        let text = format!("[\"EVENT\",{}]", ev.to_json());
+        assert!(matches!(ClientMessage::parse(&text), Ok(ClientMessage::Event(e)) if *e == ev));
+        let req = ClientMessage::parse(r#"["REQ","s1",{"kinds":[1]},{"limit":3}]"#).expect("req");
+        assert!(matches!(req, ClientMessage::Req { ref sub_id, ref filters } if sub_id.as_str() == "s1" && filters.len() == 2));
+        assert!(matches!(ClientMessage::parse(r#"["CLOSE","s1"]"#), Ok(ClientMessage::Close(s)) if s.as_str() == "s1"));
+    }
+
+    #[test]
+    fn refusals_carry_what_the_reply_needs() {
+        let id = "f".repeat(64);
+        let bad_event = format!(r#"["EVENT",{{"id":"{id}","pubkey":"x"}}]"#);
+        match ClientMessage::parse(&bad_event) {
+            Err(MessageError::BadEvent { id: Some(got), .. }) => assert_eq!(got.to_hex(), id),
+            other => panic!("unexpected {other:?}"),
+        }
+        match ClientMessage::parse(r#"["REQ","s",{"ids":["nope"]}]"#) {
+            Err(e @ MessageError::BadFilter { .. }) => assert!(e.reason().starts_with("invalid: ")),
+            other => panic!("unexpected {other:?}"),
+        }
+        let long = "x".repeat(65);
+        let cases = [
+            ("not json", "invalid: could not parse"),
+            ("{}", "invalid: message must be"),
+            ("[1,2]", "invalid: message must be"),
+            (r#"["HELLO"]"#, "unsupported: unknown command"),
+            (r#"["REQ",""]"#, "invalid: subscription id"),
+            (r#"["REQ","s"]"#, "invalid: REQ expects"),
+            (r#"["CLOSE",5]"#, "invalid: subscription id"),
+            (r#"["EVENT"]"#, "invalid: EVENT expects"),
+        ];
+        for (text, want) in cases {
+            let reason = ClientMessage::parse(text).expect_err(text).reason();
+            assert!(reason.starts_with(want), "{text}: {reason}");
+        }
+        let text = format!(r#"["REQ","{long}",{{}}]"#);
+        assert_eq!(ClientMessage::parse(&text).expect_err("long").reason(), "invalid: subscription id must be a string of 1 to 64 characters");
+        let sixty_four = "é".repeat(64);
+        assert!(ClientMessage::parse(&format!(r#"["REQ","{sixty_four}",{{}}]"#)).is_ok());
+    }
+
+    #[test]
+    fn frames_round_trip_through_the_client_parser() {
+        let ev = Keys::generate().sign(1, Kind(1), vec![], "a \"quoted\" note");
+        let sub = SubId::new("sub \"1\"").expect("valid");
+        match RelayMessage::parse(&event_frame(&sub, &ev.to_json())) {
+            Some(RelayMessage::Event { sub_id, event }) => {
+                assert_eq!(sub_id, "sub \"1\"");
+                assert_eq!(*event, ev);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(RelayMessage::parse(&ok_frame(&ev.id, false, "invalid: x")),
+            Some(RelayMessage::Ok { accepted: false, ref message, .. }) if message == "invalid: x"));
+        assert!(matches!(RelayMessage::parse(&eose_frame(&sub)), Some(RelayMessage::Eose(s)) if s == sub.as_str()));
+        assert!(matches!(RelayMessage::parse(&closed_frame(&sub, "error: x")), Some(RelayMessage::Closed { .. })));
+        assert!(matches!(RelayMessage::parse(&notice_frame("hello")), Some(RelayMessage::Notice(n)) if n == "hello"));
+    }
+}

@@ -1,0 +1,148 @@
+//! The Postgres schema, its migrations and the connection pool (workers only).
+//!
+//! ```text
+//! events  seq (identity)  id bytea unique  pubkey bytea  kind int  created_at bigint
+//!         d_tag text (NULL for kinds that are not replaced; '' for replaceable kinds;
+//!                     the d tag value for addressable kinds)
+//!         json text (the event exactly as served)
+//! tags    event_seq → events.seq (cascade)  name text  value text  kind  created_at
+//! ```
+//!
+//! **Invariant:** at most one row per (pubkey, kind, d_tag) for replaceable and addressable
+//! events, enforced by the unique index `events_replace_key`, so two ingest workers racing
+//! cannot both keep a version. The ingest worker's upsert keeps the newest (ties: lowest id).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+use crate::config::DatabaseConfig;
+
+/// A database failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The URL could not be parsed.
+    #[error("bad database URL: {0}")]
+    Url(tokio_postgres::Error),
+    /// Postgres refused or the connection failed.
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No connection could be taken from the pool.
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// The pool could not be built.
+    #[error("database pool setup: {0}")]
+    Build(#[from] deadpool_postgres::BuildError),
+}
+
+/// Schema versions in order. Each runs once, in a transaction, under an advisory lock so
+/// that workers starting together do not race.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    r#"
+    CREATE TABLE events (
+        seq        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id         bytea  NOT NULL,
+        pubkey     bytea  NOT NULL,
+        kind       integer NOT NULL,
+        created_at bigint NOT NULL,
+        d_tag      text,
+        json       text   NOT NULL
+    );
+    CREATE UNIQUE INDEX events_id ON events (id);
+    CREATE UNIQUE INDEX events_replace_key ON events (pubkey, kind, d_tag) WHERE d_tag IS NOT NULL;
+    CREATE INDEX events_created ON events (created_at DESC, id);
+    CREATE INDEX events_author ON events (pubkey, created_at DESC, id);
+    CREATE INDEX events_author_kind ON events (pubkey, kind, created_at DESC, id);
+    CREATE INDEX events_kind ON events (kind, created_at DESC, id);
+
+    CREATE TABLE tags (
+        event_seq  bigint  NOT NULL REFERENCES events (seq) ON DELETE CASCADE,
+        name       text    NOT NULL,
+        value      text    NOT NULL,
+        kind       integer NOT NULL,
+        created_at bigint  NOT NULL
+    );
+    CREATE INDEX tags_value ON tags (name, value, created_at DESC);
+    CREATE INDEX tags_event ON tags (event_seq);
+    "#,
+)];
+
+/// A key for `pg_advisory_xact_lock` that serializes migrations across workers.
+const MIGRATION_LOCK: i64 = 0x6e6f_7374_7201;
+
+/// Builds the pool. Connections are opened lazily; see [`migrate`] for the first contact.
+pub fn pool(config: &DatabaseConfig) -> Result<Pool, StoreError> {
+    let pg = tokio_postgres::Config::from_str(&config.database_url).map_err(StoreError::Url)?;
+    let manager = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Ok(Pool::builder(manager)
+        .max_size(config.db_pool_size.max(1))
+        .wait_timeout(Some(Duration::from_secs(10)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()?)
+}
+
+/// Applies the migrations not applied yet, retrying while the database is unreachable until
+/// `give_up_after` passes.
+pub async fn migrate(pool: &Pool, give_up_after: Duration) -> Result<(), StoreError> {
+    let deadline = tokio::time::Instant::now() + give_up_after;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match try_migrate(pool).await {
+            Ok(()) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() + delay < deadline => {
+                tracing::warn!(error = %e, "database not ready for migrations yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn try_migrate(pool: &Pool) -> Result<(), StoreError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await?;
+    let applied: Option<i32> = tx
+        .query_one("SELECT max(version) FROM schema_migrations", &[])
+        .await?
+        .get(0);
+    for (version, sql) in MIGRATIONS {
+        if applied.is_some_and(|a| a >= *version) {
+            continue;
+        }
+        tracing::info!(version, "applying database migration");
+        tx.batch_execute(sql).await?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version) VALUES ($1)",
+            &[version],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Whether the database answers a trivial query.
+pub async fn ping(pool: &Pool) -> bool {
+    match pool.get().await {
+        Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
+        Err(_) => false,
+    }
+}

@@ -1,0 +1,160 @@
+//! The loop both workers run: connect, migrate, join the consumer group, then read a batch,
+//! hand it to the worker's [`Handler`], acknowledge it, and repeat until shutdown.
+//!
+//! **Invariant:** an entry is acknowledged only after the handler returned for it, so an
+//! entry whose worker dies mid-batch stays pending in its group (never silently dropped).
+
+use std::future::Future;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use redis::aio::ConnectionManager;
+
+use crate::bus::{self, Bus, BusError, Consumer, Entry, Role};
+use crate::config::{BusConfig, DatabaseConfig};
+use crate::store::{self, StoreError};
+
+/// Settings of the stream-reading loop, shared by both workers.
+#[derive(clap::Args, Clone, Debug)]
+pub struct WorkerConfig {
+    /// Most stream entries read (and handled together) at once; a fuller batch is handled
+    /// as soon as it is read, never waiting to fill.
+    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 256)]
+    pub batch_size: usize,
+    /// How long one read waits for new entries, in milliseconds; also how quickly the worker
+    /// notices a shutdown request when idle.
+    #[arg(long, env = "RELAY_BLOCK_MS", default_value_t = 1000)]
+    pub block_ms: u64,
+    /// Consumer name in the group; defaults to a random name per process.
+    #[arg(long, env = "RELAY_CONSUMER_NAME")]
+    pub consumer_name: Option<String>,
+    /// How long to keep retrying Redis and Postgres at start before exiting with an error,
+    /// in seconds.
+    #[arg(long, env = "RELAY_STARTUP_TIMEOUT_SECS", default_value_t = 60)]
+    pub startup_timeout_secs: u64,
+    /// How often the worker records a heartbeat (read by gateways' `/readyz`), in
+    /// milliseconds.
+    #[arg(long, env = "RELAY_HEARTBEAT_MS", default_value_t = 2000)]
+    pub heartbeat_ms: u64,
+}
+
+/// A worker failure that stops the process.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// Redis failed at start.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// Postgres failed at start.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What the worker's loop gives each handler.
+#[derive(Clone)]
+pub struct Context {
+    /// Bus names.
+    pub bus: Bus,
+    /// A connection for replies and publishing (not the blocking reader's).
+    pub redis: ConnectionManager,
+    /// The database pool.
+    pub db: Pool,
+}
+
+/// The worker-specific part: handle one batch of entries. Every entry must be answered
+/// (a reply to its gateway) before this returns; the loop then acknowledges the batch.
+pub trait Handler {
+    /// Handles a batch.
+    fn handle(&mut self, ctx: &Context, entries: &[Entry]) -> impl Future<Output = ()>;
+}
+
+/// Runs the worker until `shutdown` completes, then finishes and acknowledges the batch in
+/// hand and returns.
+pub async fn run<H: Handler>(
+    role: Role,
+    bus_config: &BusConfig,
+    db_config: &DatabaseConfig,
+    config: &WorkerConfig,
+    mut handler: H,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError> {
+    let startup = Duration::from_secs(config.startup_timeout_secs);
+    let block = Duration::from_millis(config.block_ms);
+    let bus = Bus::new(bus_config);
+    let db = store::pool(db_config)?;
+    store::migrate(&db, startup).await?;
+    let reader = bus::connect(&bus_config.redis_url, block + Duration::from_secs(5), startup).await?;
+    let redis = bus::connect(&bus_config.redis_url, Duration::from_secs(5), startup).await?;
+    let name = config
+        .consumer_name
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", role.name(), hex::encode(rand::random::<[u8; 4]>())));
+    let mut consumer = Consumer::join(reader, &bus, role, name, config.batch_size.max(1), block).await?;
+    let ctx = Context { bus, redis, db };
+
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let heartbeat = tokio::spawn(heartbeat_loop(
+        ctx.clone(),
+        role,
+        consumer.name().to_owned(),
+        Duration::from_millis(config.heartbeat_ms.max(100)),
+        stop_rx.clone(),
+    ));
+    tracing::info!(role = role.name(), consumer = consumer.name(), "worker ready");
+    println!("ready");
+
+    let mut backoff = Duration::from_millis(100);
+    while !*stop_rx.borrow() {
+        let entries = match consumer.read().await {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the stream failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop_rx.changed() => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        if entries.is_empty() {
+            continue;
+        }
+        handler.handle(&ctx, &entries).await;
+        if let Err(e) = consumer.ack(&entries).await {
+            // The entries stay pending and are handled again; inserts are idempotent.
+            tracing::warn!(error = %e, count = entries.len(), "acknowledging the batch failed");
+        }
+    }
+    tracing::info!(role = role.name(), "worker stopping");
+    let _ = heartbeat.await;
+    Ok(())
+}
+
+async fn heartbeat_loop(
+    mut ctx: Context,
+    role: Role,
+    consumer: String,
+    every: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let stale = every * 3;
+    loop {
+        if store::ping(&ctx.db).await {
+            if let Err(e) = bus::heartbeat(&mut ctx.redis, &ctx.bus, role, &consumer, stale).await {
+                tracing::warn!(error = %e, "heartbeat failed");
+            }
+        } else {
+            tracing::warn!("database unreachable; not sending a heartbeat");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
