@@ -1,3 +1,21 @@
-fn main() {
-    println!("Hello, world!");
+//! `gateway`: terminates client WebSockets and bridges them to the bus. See `lib.rs`.
+
+use anyhow::Context as _;
+use clap::Parser;
+use gateway::Config;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    shared::telemetry::init(config.log.log_format);
+    tracing::info!(?config, "starting gateway");
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr().context("listener has no address")?;
+    // The one stdout line: scripts and tests read the bound address from it.
+    println!("listening on {addr}");
+    gateway::run(config, listener, shared::shutdown::shutdown_signal())
+        .await
+        .context("gateway failed")
 }

@@ -1,7 +1,9 @@
 //! The ingest batch handler: decode, verify, store, answer, fan out.
 
 use redis::aio::ConnectionManager;
-use shared::bus::{self, ConnId, Entry, GatewayId, GatewayReply, IngestRequest, LiveEvent, TraceContext};
+use shared::bus::{
+    self, ConnId, Entry, GatewayId, GatewayReply, IngestRequest, LiveEvent, TraceContext,
+};
 use shared::event::{Event, EventId, KindClass};
 use shared::message::raw_json;
 use shared::worker::{Context, Handler};
@@ -128,7 +130,12 @@ fn verify_one((gateway, conn, json): (GatewayId, ConnId, String)) -> Option<Item
         Ok(event) => {
             let id = event.id;
             let event = event.verify().map(|()| event).map_err(|e| e.to_string());
-            Some(Item { gateway, conn, id, event })
+            Some(Item {
+                gateway,
+                conn,
+                id,
+                event,
+            })
         }
         Err(e) => {
             tracing::warn!(error = %e, "gateway forwarded an event that does not parse; dropping");
@@ -167,7 +174,9 @@ impl Replies {
             event,
             trace: TraceContext::default(),
         };
-        self.pipe.publish(ctx.bus.live_channel(), bus::encode(&live)).ignore();
+        self.pipe
+            .publish(ctx.bus.live_channel(), bus::encode(&live))
+            .ignore();
         self.count += 1;
     }
 

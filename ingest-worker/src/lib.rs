@@ -19,7 +19,11 @@ use shared::worker::{self, WorkerConfig, WorkerError};
 
 /// Everything the ingest worker can be told, from flags or `RELAY_*` variables.
 #[derive(clap::Parser, Debug, Clone)]
-#[command(name = "ingest-worker", version, about = "Verifies and stores Nostr events from the ingest stream")]
+#[command(
+    name = "ingest-worker",
+    version,
+    about = "Verifies and stores Nostr events from the ingest stream"
+)]
 pub struct Config {
     #[command(flatten)]
     pub bus: BusConfig,
@@ -32,7 +36,10 @@ pub struct Config {
 }
 
 /// Runs until `shutdown` completes.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), WorkerError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError> {
     worker::run(
         Role::Ingest,
         &config.bus,

@@ -83,7 +83,10 @@ async fn store_in_tx(db: &Pool, batch: &[Pending<'_>]) -> Result<Vec<Outcome>, S
         let (seq, replaced) = match event.replace_key() {
             None => {
                 let row = tx
-                    .query_opt(&insert_regular, &[&id, &pubkey, &kind, &event.created_at, json])
+                    .query_opt(
+                        &insert_regular,
+                        &[&id, &pubkey, &kind, &event.created_at, json],
+                    )
                     .await?;
                 (row.map(|r| r.get::<_, i64>(0)), false)
             }
@@ -102,7 +105,11 @@ async fn store_in_tx(db: &Pool, batch: &[Pending<'_>]) -> Result<Vec<Outcome>, S
         };
         let Some(seq) = seq else {
             let exists = tx.query_opt(&id_exists, &[&id]).await?.is_some();
-            outcomes.push(if exists { Outcome::Duplicate } else { Outcome::Superseded });
+            outcomes.push(if exists {
+                Outcome::Duplicate
+            } else {
+                Outcome::Superseded
+            });
             continue;
         };
         if replaced {
@@ -114,8 +121,11 @@ async fn store_in_tx(db: &Pool, batch: &[Pending<'_>]) -> Result<Vec<Outcome>, S
             .map(|(n, v)| (n.to_string(), v))
             .unzip();
         if !names.is_empty() {
-            tx.execute(&insert_tags, &[&seq, &names, &values, &kind, &event.created_at])
-                .await?;
+            tx.execute(
+                &insert_tags,
+                &[&seq, &names, &values, &kind, &event.created_at],
+            )
+            .await?;
         }
         outcomes.push(Outcome::Stored);
     }

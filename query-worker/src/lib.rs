@@ -16,7 +16,11 @@ use shared::worker::{self, WorkerConfig, WorkerError};
 
 /// Everything the query worker can be told, from flags or `RELAY_*` variables.
 #[derive(clap::Parser, Debug, Clone)]
-#[command(name = "query-worker", version, about = "Answers Nostr REQ queries from the query stream")]
+#[command(
+    name = "query-worker",
+    version,
+    about = "Answers Nostr REQ queries from the query stream"
+)]
 pub struct Config {
     #[command(flatten)]
     pub bus: BusConfig,
@@ -45,7 +49,18 @@ pub struct QueryConfig {
 }
 
 /// Runs until `shutdown` completes.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), WorkerError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError> {
     let handler = query::Query::new(config.query.clone());
-    worker::run(Role::Query, &config.bus, &config.db, &config.worker, handler, shutdown).await
+    worker::run(
+        Role::Query,
+        &config.bus,
+        &config.db,
+        &config.worker,
+        handler,
+        shutdown,
+    )
+    .await
 }

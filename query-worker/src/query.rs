@@ -94,7 +94,11 @@ impl Query {
                     continue;
                 };
                 if seen.insert(id) {
-                    rows.push(Row { id, created_at: row.get(1), json: row.get(2) });
+                    rows.push(Row {
+                        id,
+                        created_at: row.get(1),
+                        json: row.get(2),
+                    });
                 }
             }
         }
@@ -107,7 +111,11 @@ impl Query {
         let size = self.config.reply_chunk.max(1);
         let mut events: Vec<StoredEvent> = rows
             .into_iter()
-            .filter_map(|r| raw_json(r.json).ok().map(|json| StoredEvent { id: r.id, json }))
+            .filter_map(|r| {
+                raw_json(r.json)
+                    .ok()
+                    .map(|json| StoredEvent { id: r.id, json })
+            })
             .collect();
         let mut out = Vec::new();
         loop {

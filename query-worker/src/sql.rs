@@ -14,14 +14,20 @@ pub struct FilterQuery {
 impl FilterQuery {
     /// Parameters as the driver wants them.
     pub fn param_refs(&self) -> Vec<&(dyn ToSql + Sync)> {
-        self.params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect()
+        self.params
+            .iter()
+            .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+            .collect()
     }
 }
 
 /// Builds the query for `filter`, returning at most `limit` rows newest first (ties: lowest
 /// id first).
 pub fn filter_query(filter: &Filter, limit: i64) -> FilterQuery {
-    let mut q = FilterQuery { sql: String::new(), params: Vec::new() };
+    let mut q = FilterQuery {
+        sql: String::new(),
+        params: Vec::new(),
+    };
     let mut conds: Vec<String> = Vec::new();
     let bind = |q: &mut FilterQuery, p: Box<dyn ToSql + Sync + Send>| {
         q.params.push(p);
@@ -53,8 +59,14 @@ pub fn filter_query(filter: &Filter, limit: i64) -> FilterQuery {
         ));
     }
     let limit = bind(&mut q, Box::new(limit));
-    let where_clause = if conds.is_empty() { String::new() } else { format!("WHERE {}", conds.join(" AND ")) };
-    q.sql = format!("SELECT id, created_at, json FROM events {where_clause} ORDER BY created_at DESC, id LIMIT {limit}");
+    let where_clause = if conds.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conds.join(" AND "))
+    };
+    q.sql = format!(
+        "SELECT id, created_at, json FROM events {where_clause} ORDER BY created_at DESC, id LIMIT {limit}"
+    );
     q
 }
 
@@ -72,6 +84,10 @@ mod tests {
         let q = filter_query(&filter, 10);
         assert_eq!(q.params.len(), 8);
         assert!(!q.sql.contains("drop table"));
-        assert!(q.sql.ends_with("ORDER BY created_at DESC, id LIMIT $8"), "{}", q.sql);
+        assert!(
+            q.sql.ends_with("ORDER BY created_at DESC, id LIMIT $8"),
+            "{}",
+            q.sql
+        );
     }
 }

@@ -305,7 +305,10 @@ pub async fn connect(
     let deadline = tokio::time::Instant::now() + give_up_after;
     let mut delay = Duration::from_millis(100);
     loop {
-        match client.get_connection_manager_with_config(config.clone()).await {
+        match client
+            .get_connection_manager_with_config(config.clone())
+            .await
+        {
             Ok(conn) => return Ok(conn),
             Err(e) if tokio::time::Instant::now() + delay < deadline => {
                 tracing::warn!(error = %e, "redis not reachable yet; retrying");
@@ -468,7 +471,11 @@ pub async fn live_workers(
 ) -> Result<usize, BusError> {
     let now = unix_millis();
     let n: usize = conn
-        .zcount(bus.heartbeat_key(role), now - fresh.as_millis() as i64, "+inf")
+        .zcount(
+            bus.heartbeat_key(role),
+            now - fresh.as_millis() as i64,
+            "+inf",
+        )
         .await?;
     Ok(n)
 }
@@ -511,7 +518,10 @@ mod tests {
             trace: TraceContext::default(),
         };
         let text = encode(&live);
-        assert!(!text.contains("trace"), "empty trace context is omitted: {text}");
+        assert!(
+            !text.contains("trace"),
+            "empty trace context is omitted: {text}"
+        );
         let back: LiveEvent = decode(&text).expect("decodes");
         assert_eq!(back.event.get(), json);
         let reply = GatewayReply::Ok {
@@ -522,6 +532,13 @@ mod tests {
             trace: TraceContext::default(),
         };
         let back: GatewayReply = decode(&encode(&reply)).expect("decodes");
-        assert!(matches!(back, GatewayReply::Ok { conn: ConnId(7), accepted: true, .. }));
+        assert!(matches!(
+            back,
+            GatewayReply::Ok {
+                conn: ConnId(7),
+                accepted: true,
+                ..
+            }
+        ));
     }
 }

@@ -10,7 +10,11 @@ use std::fmt;
 #[derive(clap::Args, Clone)]
 pub struct BusConfig {
     /// Redis URL for streams and pub/sub.
-    #[arg(long, env = "RELAY_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    #[arg(
+        long,
+        env = "RELAY_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/"
+    )]
     pub redis_url: String,
     /// Prefix of every Redis key and channel, so several relays (or tests) can share a Redis.
     #[arg(long, env = "RELAY_BUS_PREFIX", default_value = "nostr")]

@@ -308,7 +308,6 @@ impl Event {
             }
         })
     }
-
 }
 
 /// The canonical serialization of an unsigned event's fields.
@@ -489,7 +488,11 @@ mod tests {
     #[test]
     fn ids_and_signatures_agree_with_an_independent_implementation() {
         let keys = Keys::generate();
-        let contents = ["plain", "line\nbreak \"quoted\" back\\slash\ttab", "ünïcødé 🎉 \u{2028}"];
+        let contents = [
+            "plain",
+            "line\nbreak \"quoted\" back\\slash\ttab",
+            "ünïcødé 🎉 \u{2028}",
+        ];
         for (i, content) in contents.into_iter().enumerate() {
             let ours = keys.sign(
                 1_700_000_000 + i as i64,
@@ -498,7 +501,9 @@ mod tests {
                 content,
             );
             let theirs = nostr::event::Event::from_json(ours.to_json()).expect("nostr parses");
-            theirs.verify().expect("nostr verifies our id and signature");
+            theirs
+                .verify()
+                .expect("nostr verifies our id and signature");
             let round = Event::from_json(&theirs.as_json()).expect("we parse theirs");
             round.verify().expect("we verify");
             assert_eq!(round, ours);
@@ -508,14 +513,29 @@ mod tests {
     #[test]
     fn shape_errors_are_named() {
         let cases = [
-            (KNOWN_GOOD.replace("\"id\":\"b9", "\"id\":\"B9"), "id must be"),
-            (KNOWN_GOOD.replace("82341f882b", "82341f88"), "pubkey must be"),
+            (
+                KNOWN_GOOD.replace("\"id\":\"b9", "\"id\":\"B9"),
+                "id must be",
+            ),
+            (
+                KNOWN_GOOD.replace("82341f882b", "82341f88"),
+                "pubkey must be",
+            ),
             (KNOWN_GOOD.replace("1676161639", "-5"), "created_at"),
             (KNOWN_GOOD.replace("1676161639", "1.5"), "created_at"),
             (KNOWN_GOOD.replace("\"kind\":1", "\"kind\":70000"), "kind"),
-            (KNOWN_GOOD.replace("\"tags\":[]", "\"tags\":[[]]"), "tag 0 is empty"),
-            (KNOWN_GOOD.replace("\"tags\":[]", "\"tags\":[[1]]"), "malformed"),
-            (KNOWN_GOOD.replace(",\"content\":\"this is going to work\"", ""), "content"),
+            (
+                KNOWN_GOOD.replace("\"tags\":[]", "\"tags\":[[]]"),
+                "tag 0 is empty",
+            ),
+            (
+                KNOWN_GOOD.replace("\"tags\":[]", "\"tags\":[[1]]"),
+                "malformed",
+            ),
+            (
+                KNOWN_GOOD.replace(",\"content\":\"this is going to work\"", ""),
+                "content",
+            ),
         ];
         for (json, needle) in cases {
             let err = Event::from_json(&json).expect_err(&json).to_string();
@@ -559,8 +579,14 @@ mod tests {
             addressable.indexed_tags().collect::<Vec<_>>(),
             vec![('d', "slug"), ('d', "second"), ('e', "x")]
         );
-        assert_eq!(keys.sign(1, Kind(30000), vec![], "").replace_key(), Some(""));
-        assert_eq!(keys.sign(1, Kind(10002), tags.clone(), "").replace_key(), Some(""));
+        assert_eq!(
+            keys.sign(1, Kind(30000), vec![], "").replace_key(),
+            Some("")
+        );
+        assert_eq!(
+            keys.sign(1, Kind(10002), tags.clone(), "").replace_key(),
+            Some("")
+        );
         assert_eq!(keys.sign(1, Kind(1), tags, "").replace_key(), None);
     }
 }

@@ -78,7 +78,11 @@ impl Filter {
                 "since" => filter.since = Some(timestamp(key, value)?),
                 "until" => filter.until = Some(timestamp(key, value)?),
                 "limit" => {
-                    filter.limit = Some(value.as_u64().ok_or_else(|| bad(key, "must be a non-negative integer"))?)
+                    filter.limit = Some(
+                        value
+                            .as_u64()
+                            .ok_or_else(|| bad(key, "must be a non-negative integer"))?,
+                    )
                 }
                 _ => match tag_letter(key) {
                     Some(letter) => {
@@ -86,7 +90,9 @@ impl Filter {
                         // NIP-01: #e and #p values must be 64-char lowercase hex.
                         if matches!(letter, 'e' | 'p') {
                             for v in &values {
-                                EventId::from_hex(v).map_err(|_| bad(key, "values must be 64 lowercase hex characters"))?;
+                                EventId::from_hex(v).map_err(|_| {
+                                    bad(key, "values must be 64 lowercase hex characters")
+                                })?;
                             }
                         }
                         filter.tags.insert(letter, values);
@@ -314,18 +320,33 @@ mod tests {
             (json!({"#t":["other"]}), false),
             (json!({"#e":["b".repeat(64)]}), true),
             (json!({"#s":["nostr"]}), false),
-            (json!({"#t":["nostr"],"kinds":[1],"authors":[pk],"limit":0}), true),
+            (
+                json!({"#t":["nostr"],"kinds":[1],"authors":[pk],"limit":0}),
+                true,
+            ),
             (json!({"#t":["nostr"],"kinds":[2]}), false),
         ];
         for (v, expected) in cases {
-            assert_eq!(parse(v.clone()).expect("valid").matches(&ev), expected, "{v}");
+            assert_eq!(
+                parse(v.clone()).expect("valid").matches(&ev),
+                expected,
+                "{v}"
+            );
         }
     }
 
     #[test]
     fn empty_sets_are_recognised() {
         assert!(parse(json!({"authors":[]})).expect("valid").is_empty_set());
-        assert!(parse(json!({"since":5,"until":4})).expect("valid").is_empty_set());
-        assert!(!parse(json!({"since":5,"until":5})).expect("valid").is_empty_set());
+        assert!(
+            parse(json!({"since":5,"until":4}))
+                .expect("valid")
+                .is_empty_set()
+        );
+        assert!(
+            !parse(json!({"since":5,"until":5}))
+                .expect("valid")
+                .is_empty_set()
+        );
     }
 }

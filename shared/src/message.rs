@@ -323,8 +323,12 @@ mod tests {
         let text = format!("[\"EVENT\",{}]", ev.to_json());
         assert!(matches!(ClientMessage::parse(&text), Ok(ClientMessage::Event(e)) if *e == ev));
         let req = ClientMessage::parse(r#"["REQ","s1",{"kinds":[1]},{"limit":3}]"#).expect("req");
-        assert!(matches!(req, ClientMessage::Req { ref sub_id, ref filters } if sub_id.as_str() == "s1" && filters.len() == 2));
-        assert!(matches!(ClientMessage::parse(r#"["CLOSE","s1"]"#), Ok(ClientMessage::Close(s)) if s.as_str() == "s1"));
+        assert!(
+            matches!(req, ClientMessage::Req { ref sub_id, ref filters } if sub_id.as_str() == "s1" && filters.len() == 2)
+        );
+        assert!(
+            matches!(ClientMessage::parse(r#"["CLOSE","s1"]"#), Ok(ClientMessage::Close(s)) if s.as_str() == "s1")
+        );
     }
 
     #[test]
@@ -355,7 +359,10 @@ mod tests {
             assert!(reason.starts_with(want), "{text}: {reason}");
         }
         let text = format!(r#"["REQ","{long}",{{}}]"#);
-        assert_eq!(ClientMessage::parse(&text).expect_err("long").reason(), "invalid: subscription id must be a string of 1 to 64 characters");
+        assert_eq!(
+            ClientMessage::parse(&text).expect_err("long").reason(),
+            "invalid: subscription id must be a string of 1 to 64 characters"
+        );
         let sixty_four = "é".repeat(64);
         assert!(ClientMessage::parse(&format!(r#"["REQ","{sixty_four}",{{}}]"#)).is_ok());
     }
@@ -371,10 +378,19 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert!(matches!(RelayMessage::parse(&ok_frame(&ev.id, false, "invalid: x")),
-            Some(RelayMessage::Ok { accepted: false, ref message, .. }) if message == "invalid: x"));
-        assert!(matches!(RelayMessage::parse(&eose_frame(&sub)), Some(RelayMessage::Eose(s)) if s == sub.as_str()));
-        assert!(matches!(RelayMessage::parse(&closed_frame(&sub, "error: x")), Some(RelayMessage::Closed { .. })));
-        assert!(matches!(RelayMessage::parse(&notice_frame("hello")), Some(RelayMessage::Notice(n)) if n == "hello"));
+        assert!(
+            matches!(RelayMessage::parse(&ok_frame(&ev.id, false, "invalid: x")),
+            Some(RelayMessage::Ok { accepted: false, ref message, .. }) if message == "invalid: x")
+        );
+        assert!(
+            matches!(RelayMessage::parse(&eose_frame(&sub)), Some(RelayMessage::Eose(s)) if s == sub.as_str())
+        );
+        assert!(matches!(
+            RelayMessage::parse(&closed_frame(&sub, "error: x")),
+            Some(RelayMessage::Closed { .. })
+        ));
+        assert!(
+            matches!(RelayMessage::parse(&notice_frame("hello")), Some(RelayMessage::Notice(n)) if n == "hello")
+        );
     }
 }

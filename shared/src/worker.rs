@@ -83,13 +83,19 @@ pub async fn run<H: Handler>(
     let bus = Bus::new(bus_config);
     let db = store::pool(db_config)?;
     store::migrate(&db, startup).await?;
-    let reader = bus::connect(&bus_config.redis_url, block + Duration::from_secs(5), startup).await?;
+    let reader = bus::connect(
+        &bus_config.redis_url,
+        block + Duration::from_secs(5),
+        startup,
+    )
+    .await?;
     let redis = bus::connect(&bus_config.redis_url, Duration::from_secs(5), startup).await?;
     let name = config
         .consumer_name
         .clone()
         .unwrap_or_else(|| format!("{}-{}", role.name(), hex::encode(rand::random::<[u8; 4]>())));
-    let mut consumer = Consumer::join(reader, &bus, role, name, config.batch_size.max(1), block).await?;
+    let mut consumer =
+        Consumer::join(reader, &bus, role, name, config.batch_size.max(1), block).await?;
     let ctx = Context { bus, redis, db };
 
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
@@ -104,7 +110,11 @@ pub async fn run<H: Handler>(
         Duration::from_millis(config.heartbeat_ms.max(100)),
         stop_rx.clone(),
     ));
-    tracing::info!(role = role.name(), consumer = consumer.name(), "worker ready");
+    tracing::info!(
+        role = role.name(),
+        consumer = consumer.name(),
+        "worker ready"
+    );
     println!("ready");
 
     let mut backoff = Duration::from_millis(100);

@@ -1,0 +1,46 @@
+//! `EVENT`: hand the event to the ingest stream; the `OK` comes back from a worker.
+
+use shared::bus::{self, IngestRequest, TraceContext};
+use shared::event::Event;
+use shared::message::{ok_frame, raw_json};
+
+use crate::session::Session;
+
+/// A client publishing an event (shape already checked; id and signature are checked by
+/// the ingest worker).
+pub struct Publish {
+    event: Event,
+}
+
+impl Publish {
+    /// Wraps a parsed event.
+    pub fn new(event: Event) -> Self {
+        Publish { event }
+    }
+
+    /// Appends the event to its ingest stream shard.
+    pub async fn handle(self, session: &Session) {
+        let state = &session.state;
+        let id = self.event.id;
+        let Ok(json) = raw_json(self.event.to_json()) else {
+            session.send(ok_frame(&id, false, "error: could not encode the event"));
+            return;
+        };
+        let request = IngestRequest {
+            gateway: state.gateway.clone(),
+            conn: session.conn,
+            event: json,
+            trace: TraceContext::default(),
+        };
+        let stream = state.bus.ingest_stream(&id);
+        let mut redis = state.redis.clone();
+        if let Err(e) = bus::add_entry(&mut redis, &stream, &bus::encode(&request)).await {
+            tracing::warn!(error = %e, %id, "cannot publish event to the ingest stream");
+            session.send(ok_frame(
+                &id,
+                false,
+                "error: the relay cannot accept events right now; try again",
+            ));
+        }
+    }
+}

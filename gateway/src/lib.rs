@@ -1,0 +1,125 @@
+//! The gateway: axum HTTP server that terminates client WebSockets.
+//!
+//! - [`session`]: one task per WebSocket: reads frames, dispatches [`cmd`]s, writes from a
+//!   bounded queue.
+//! - [`cmd`]: one type per client verb (`EVENT`, `REQ`, `CLOSE`), each with `handle`.
+//! - [`registry`]: connections, subscriptions, the live-match index, delivery.
+//! - [`pubsub`]: the Redis subscriber that brings replies and live events back.
+//! - [`http`]: the routes: WebSocket upgrade, NIP-11, `/healthz`, `/readyz`.
+//!
+//! **Invariant:** the gateway holds no durable state; any gateway can die and its clients
+//! reconnect to another.
+
+pub mod cmd;
+pub mod config;
+pub mod http;
+pub mod pubsub;
+pub mod registry;
+pub mod session;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use redis::aio::ConnectionManager;
+use shared::bus::{self, Bus, GatewayId};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::Config;
+use registry::{Registry, RegistryLimits};
+
+/// What every request handler and session shares.
+pub struct AppState {
+    /// The configuration.
+    pub config: Config,
+    /// Bus names.
+    pub bus: Bus,
+    /// This process's id on the bus (its reply channel).
+    pub gateway: GatewayId,
+    /// Connection for publishing commands (self-reconnecting).
+    pub redis: ConnectionManager,
+    /// Connections and subscriptions.
+    pub registry: Registry,
+    /// Whether the reply/live subscriber is connected.
+    pub pubsub_up: AtomicBool,
+    /// Becomes `true` when the gateway is shutting down.
+    pub stopping: watch::Receiver<bool>,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    /// A fresh id for a connection or a `REQ`.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Serves on `listener` until `shutdown` completes, then stops accepting, closes every
+/// WebSocket with 1001 and waits (at most `drain_secs`) for them to finish.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let bus = Bus::new(&config.bus);
+    let redis = bus::connect(
+        &config.bus.redis_url,
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    )
+    .await
+    .context("cannot connect to Redis")?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let limits = RegistryLimits {
+        live_buffer: config.limits.live_buffer,
+        duplicate_window: Duration::from_millis(config.limits.duplicate_window_ms),
+    };
+    let drain = Duration::from_secs(config.limits.drain_secs);
+    let gateway = GatewayId::random();
+    tracing::info!(%gateway, public_url = ?config.public_url, "gateway ready");
+    let state = Arc::new(AppState {
+        config,
+        bus,
+        gateway,
+        redis,
+        registry: Registry::new(limits),
+        pubsub_up: AtomicBool::new(false),
+        stopping: stop_rx.clone(),
+        next_id: AtomicU64::new(1),
+    });
+    let subscriber = tokio::spawn(pubsub::run(Arc::clone(&state), stop_rx));
+
+    let app = http::router(Arc::clone(&state));
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: closing connections");
+        let _ = stop_tx.send(true);
+    })
+    .await
+    .context("HTTP server failed")?;
+
+    let deadline = tokio::time::Instant::now() + drain;
+    while state.registry.connections() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = state.registry.connections();
+    if left > 0 {
+        tracing::warn!(left, "drain deadline passed with connections still open");
+    }
+    subscriber.abort();
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+/// Completes once `stopping` turns true (or its sender is gone).
+pub async fn stopped(stopping: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is dropped here, so callers' futures stay `Send`.
+    let _ = stopping.wait_for(|s| *s).await.map(|_| ());
+}

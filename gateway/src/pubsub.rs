@@ -1,0 +1,111 @@
+//! The Redis subscriber: this gateway's reply channel and the live channel, dispatched into
+//! the [`crate::registry::Registry`]. Reconnects with backoff when Redis goes away.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use shared::bus::{self, GatewayReply};
+use shared::event::Event;
+use shared::message::ok_frame;
+use tokio::sync::watch;
+
+use crate::AppState;
+use crate::registry::LiveEvent;
+
+/// Runs until `stop` turns true.
+pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
+    let reply_channel = state.bus.gateway_channel(&state.gateway);
+    let live_channel = state.bus.live_channel();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match subscribe(&state, &reply_channel, &live_channel).await {
+            Ok(mut pubsub) => {
+                state.pubsub_up.store(true, Ordering::Relaxed);
+                backoff = Duration::from_millis(100);
+                let mut messages = pubsub.on_message();
+                loop {
+                    tokio::select! {
+                        _ = crate::stopped(&mut stop) => return,
+                        msg = messages.next() => match msg {
+                            Some(msg) => dispatch(&state, msg.get_channel_name() == live_channel, msg.get_payload_bytes()),
+                            None => break,
+                        },
+                    }
+                }
+                state.pubsub_up.store(false, Ordering::Relaxed);
+                tracing::warn!("lost the Redis subscription; reconnecting");
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot subscribe to Redis; retrying"),
+        }
+        tokio::select! {
+            _ = crate::stopped(&mut stop) => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn subscribe(
+    state: &AppState,
+    reply: &str,
+    live: &str,
+) -> redis::RedisResult<redis::aio::PubSub> {
+    let client = redis::Client::open(state.config.bus.redis_url.as_str())?;
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(reply).await?;
+    pubsub.subscribe(live).await?;
+    Ok(pubsub)
+}
+
+fn dispatch(state: &AppState, is_live: bool, payload: &[u8]) {
+    let Ok(text) = std::str::from_utf8(payload) else {
+        tracing::warn!("dropping a bus message that is not UTF-8");
+        return;
+    };
+    if is_live {
+        let live: bus::LiveEvent = match bus::decode(text) {
+            Ok(l) => l,
+            Err(e) => return tracing::warn!(error = %e, "dropping undecodable live event"),
+        };
+        let json = live.event.get().to_owned();
+        match Event::from_json(&json) {
+            Ok(event) => state.registry.live(Arc::new(LiveEvent { event, json })),
+            Err(e) => tracing::warn!(error = %e, "dropping malformed live event"),
+        }
+        return;
+    }
+    match bus::decode::<GatewayReply>(text) {
+        Ok(GatewayReply::Ok {
+            conn,
+            event_id,
+            accepted,
+            message,
+            ..
+        }) => {
+            state
+                .registry
+                .send(conn, ok_frame(&event_id, accepted, &message));
+        }
+        Ok(GatewayReply::Events {
+            conn,
+            req,
+            sub_id,
+            events,
+            eose,
+            ..
+        }) => {
+            state.registry.stored(conn, req, &sub_id, events, eose);
+        }
+        Ok(GatewayReply::Closed {
+            conn,
+            req,
+            sub_id,
+            message,
+        }) => {
+            state.registry.close(conn, req, &sub_id, &message);
+        }
+        Err(e) => tracing::warn!(error = %e, "dropping undecodable reply"),
+    }
+}

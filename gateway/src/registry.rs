@@ -1,0 +1,504 @@
+//! Every connection and subscription this gateway holds, the index that finds the
+//! subscriptions a live event may match, and the delivery of replies and live events.
+//!
+//! A subscription starts in the *stored* phase: its `REQ` went to the query workers, and live
+//! events that match are buffered. When the stored events end (EOSE), the buffer is flushed,
+//! minus events already sent as stored, and the subscription turns *live*.
+//!
+//! **Invariant:** a subscription is registered (and indexed) before its `REQ` is published,
+//! so an event committed while the query runs is buffered, never missed.
+//!
+//! **Invariant:** nothing here awaits: delivery uses `try_send` on each connection's bounded
+//! queue, and a connection whose queue is full is told to close (slow consumer).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::Message;
+use shared::bus::{ConnId, ReqId, StoredEvent};
+use shared::event::{Event, EventId, Kind, PubKey};
+use shared::filter::Filter;
+use shared::message::{SubId, closed_frame, eose_frame, event_frame};
+use tokio::sync::{Notify, mpsc};
+
+/// A live event, parsed once per gateway and shared by every subscription it goes to.
+pub struct LiveEvent {
+    /// The parsed event, for matching.
+    pub event: Event,
+    /// Its JSON, copied verbatim into each `EVENT` frame.
+    pub json: String,
+}
+
+/// What a connection's session needs to hear from the registry.
+pub struct ConnHandle {
+    /// The bounded outbound queue the connection's writer drains.
+    pub tx: mpsc::Sender<Message>,
+    /// Notified when the connection must be closed (its queue overflowed).
+    pub kill: Arc<Notify>,
+}
+
+enum Phase {
+    Stored {
+        buffered: Vec<Arc<LiveEvent>>,
+        seen: HashSet<EventId>,
+    },
+    Live {
+        seen: HashSet<EventId>,
+        forget_at: Instant,
+    },
+}
+
+struct Sub {
+    req: ReqId,
+    filters: Vec<Filter>,
+    keys: Vec<IndexKey>,
+    phase: Phase,
+}
+
+struct Conn {
+    handle: ConnHandle,
+    subs: HashMap<SubId, Sub>,
+}
+
+/// The index keys of a subscription: each filter is filed under its most selective
+/// condition, so a live event only visits subscriptions that could match it.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum IndexKey {
+    Id(EventId),
+    Author(PubKey),
+    Tag(char, String),
+    Kind(Kind),
+    All,
+}
+
+fn index_keys(filters: &[Filter]) -> Vec<IndexKey> {
+    let mut keys = Vec::new();
+    for f in filters.iter().filter(|f| !f.is_empty_set()) {
+        if let Some(ids) = &f.ids {
+            keys.extend(ids.iter().copied().map(IndexKey::Id));
+        } else if let Some(authors) = &f.authors {
+            keys.extend(authors.iter().copied().map(IndexKey::Author));
+        } else if let Some((letter, values)) = f.tags.iter().next() {
+            keys.extend(values.iter().map(|v| IndexKey::Tag(*letter, v.clone())));
+        } else if let Some(kinds) = &f.kinds {
+            keys.extend(kinds.iter().copied().map(IndexKey::Kind));
+        } else {
+            keys.push(IndexKey::All);
+        }
+    }
+    keys.sort_unstable_by_key(index_order);
+    keys.dedup();
+    keys
+}
+
+fn index_order(k: &IndexKey) -> (u8, String) {
+    match k {
+        IndexKey::Id(id) => (0, id.to_hex()),
+        IndexKey::Author(a) => (1, a.to_hex()),
+        IndexKey::Tag(l, v) => (2, format!("{l}{v}")),
+        IndexKey::Kind(k) => (3, k.0.to_string()),
+        IndexKey::All => (4, String::new()),
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    conns: HashMap<ConnId, Conn>,
+    index: HashMap<IndexKey, HashSet<(ConnId, SubId)>>,
+}
+
+impl Inner {
+    fn unindex(&mut self, conn: ConnId, sub_id: &SubId, keys: &[IndexKey]) {
+        for key in keys {
+            if let Some(set) = self.index.get_mut(key) {
+                set.remove(&(conn, sub_id.clone()));
+                if set.is_empty() {
+                    self.index.remove(key);
+                }
+            }
+        }
+    }
+}
+
+/// Registry settings, from the gateway's [`crate::config::Limits`].
+#[derive(Clone, Copy)]
+pub struct RegistryLimits {
+    /// Live events buffered per subscription before EOSE.
+    pub live_buffer: usize,
+    /// How long ids sent before EOSE are remembered after it.
+    pub duplicate_window: Duration,
+}
+
+/// The gateway's connections and subscriptions. One lock; every operation is short and
+/// never awaits while holding it.
+pub struct Registry {
+    inner: Mutex<Inner>,
+    limits: RegistryLimits,
+}
+
+/// Sends a frame without waiting; a full queue marks the connection for closing.
+fn push(conn_id: ConnId, handle: &ConnHandle, frame: String) {
+    match handle.tx.try_send(Message::Text(frame.into())) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            tracing::warn!(
+                conn = conn_id.0,
+                "client too slow: send queue full; disconnecting"
+            );
+            handle.kill.notify_one();
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(limits: RegistryLimits) -> Self {
+        Registry {
+            inner: Mutex::new(Inner::default()),
+            limits,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain maps behind; keep serving with them.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Number of open connections.
+    pub fn connections(&self) -> usize {
+        self.lock().conns.len()
+    }
+
+    /// Adds a connection.
+    pub fn add_conn(&self, conn: ConnId, handle: ConnHandle) {
+        self.lock().conns.insert(
+            conn,
+            Conn {
+                handle,
+                subs: HashMap::new(),
+            },
+        );
+    }
+
+    /// Removes a connection and all its subscriptions.
+    pub fn remove_conn(&self, conn: ConnId) {
+        let mut inner = self.lock();
+        if let Some(c) = inner.conns.remove(&conn) {
+            for (sub_id, sub) in c.subs {
+                inner.unindex(conn, &sub_id, &sub.keys);
+            }
+        }
+    }
+
+    /// Sends a frame to a connection (replies such as `OK` and `NOTICE`).
+    pub fn send(&self, conn: ConnId, frame: String) {
+        let inner = self.lock();
+        if let Some(c) = inner.conns.get(&conn) {
+            push(conn, &c.handle, frame);
+        }
+    }
+
+    /// Number of subscriptions a connection holds.
+    pub fn subscriptions(&self, conn: ConnId) -> usize {
+        self.lock().conns.get(&conn).map_or(0, |c| c.subs.len())
+    }
+
+    /// Registers (or replaces) a subscription in the stored phase. When `stored_done` is set
+    /// (no stored query is needed, e.g. every filter has `limit: 0`), EOSE is sent at once
+    /// and the subscription is live.
+    pub fn subscribe(
+        &self,
+        conn: ConnId,
+        sub_id: SubId,
+        req: ReqId,
+        filters: Vec<Filter>,
+        stored_done: bool,
+    ) {
+        let mut inner = self.lock();
+        let keys = index_keys(&filters);
+        let Some(c) = inner.conns.get_mut(&conn) else {
+            return;
+        };
+        let old = c.subs.insert(
+            sub_id.clone(),
+            Sub {
+                req,
+                filters,
+                keys: keys.clone(),
+                phase: Phase::Stored {
+                    buffered: Vec::new(),
+                    seen: HashSet::new(),
+                },
+            },
+        );
+        if let Some(old) = old {
+            inner.unindex(conn, &sub_id, &old.keys);
+        }
+        for key in keys {
+            inner
+                .index
+                .entry(key)
+                .or_default()
+                .insert((conn, sub_id.clone()));
+        }
+        drop(inner);
+        if stored_done {
+            self.stored(conn, req, &sub_id, Vec::new(), true);
+        }
+    }
+
+    /// Ends a subscription (client `CLOSE`); unknown ids are ignored.
+    pub fn unsubscribe(&self, conn: ConnId, sub_id: &SubId) {
+        let mut inner = self.lock();
+        let removed = inner
+            .conns
+            .get_mut(&conn)
+            .and_then(|c| c.subs.remove(sub_id));
+        if let Some(sub) = removed {
+            inner.unindex(conn, sub_id, &sub.keys);
+        }
+    }
+
+    /// Ends a subscription from the relay side with `CLOSED`, if `req` is still current.
+    pub fn close(&self, conn: ConnId, req: ReqId, sub_id: &SubId, message: &str) {
+        let mut inner = self.lock();
+        let current = inner
+            .conns
+            .get(&conn)
+            .and_then(|c| c.subs.get(sub_id))
+            .is_some_and(|s| s.req == req);
+        if !current {
+            return;
+        }
+        if let Some(c) = inner.conns.get_mut(&conn)
+            && let Some(sub) = c.subs.remove(sub_id)
+        {
+            push(conn, &c.handle, closed_frame(sub_id, message));
+            inner.unindex(conn, sub_id, &sub.keys);
+        }
+    }
+
+    /// Delivers stored events for `req` (dropped if the subscription moved on), and on
+    /// `eose` sends EOSE, flushes buffered live events and turns the subscription live.
+    pub fn stored(
+        &self,
+        conn: ConnId,
+        req: ReqId,
+        sub_id: &SubId,
+        events: Vec<StoredEvent>,
+        eose: bool,
+    ) {
+        let window = self.limits.duplicate_window;
+        let mut inner = self.lock();
+        let Some(c) = inner.conns.get_mut(&conn) else {
+            return;
+        };
+        let Some(sub) = c.subs.get_mut(sub_id).filter(|s| s.req == req) else {
+            return;
+        };
+        let Phase::Stored { buffered, seen } = &mut sub.phase else {
+            return;
+        };
+        for ev in events {
+            if seen.insert(ev.id) {
+                push(conn, &c.handle, event_frame(sub_id, ev.json.get()));
+            }
+        }
+        if eose {
+            push(conn, &c.handle, eose_frame(sub_id));
+            for live in buffered.drain(..) {
+                if seen.insert(live.event.id) {
+                    push(conn, &c.handle, event_frame(sub_id, &live.json));
+                }
+            }
+            sub.phase = Phase::Live {
+                seen: std::mem::take(seen),
+                forget_at: Instant::now() + window,
+            };
+        }
+    }
+
+    /// Delivers a live event to every matching subscription on this gateway.
+    pub fn live(&self, live: Arc<LiveEvent>) {
+        let ev = &live.event;
+        let mut inner = self.lock();
+        let mut candidates: HashSet<(ConnId, SubId)> = HashSet::new();
+        let mut collect = |key: IndexKey| {
+            if let Some(set) = inner.index.get(&key) {
+                candidates.extend(set.iter().cloned());
+            }
+        };
+        collect(IndexKey::Id(ev.id));
+        collect(IndexKey::Author(ev.pubkey));
+        collect(IndexKey::Kind(ev.kind));
+        for (letter, value) in ev.indexed_tags() {
+            collect(IndexKey::Tag(letter, value.to_owned()));
+        }
+        collect(IndexKey::All);
+
+        let now = Instant::now();
+        let mut overflowed = Vec::new();
+        for (conn, sub_id) in candidates {
+            let Some(c) = inner.conns.get_mut(&conn) else {
+                continue;
+            };
+            let Some(sub) = c.subs.get_mut(&sub_id) else {
+                continue;
+            };
+            if !sub.filters.iter().any(|f| f.matches(ev)) {
+                continue;
+            }
+            match &mut sub.phase {
+                Phase::Stored { buffered, .. } => {
+                    if buffered.len() < self.limits.live_buffer {
+                        buffered.push(Arc::clone(&live));
+                    } else {
+                        overflowed.push((conn, sub.req, sub_id));
+                    }
+                }
+                Phase::Live { seen, forget_at } => {
+                    if !seen.is_empty() {
+                        if now < *forget_at {
+                            if !seen.insert(ev.id) {
+                                continue;
+                            }
+                        } else {
+                            *seen = HashSet::new();
+                        }
+                    }
+                    push(conn, &c.handle, event_frame(&sub_id, &live.json));
+                }
+            }
+        }
+        drop(inner);
+        for (conn, req, sub_id) in overflowed {
+            self.close(
+                conn,
+                req,
+                &sub_id,
+                "error: too many live events before the end of stored events; subscribe again",
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::event::signing::Keys;
+
+    fn filter(v: serde_json::Value) -> Filter {
+        Filter::from_value(&v).expect("valid filter")
+    }
+
+    fn registry() -> (Registry, mpsc::Receiver<Message>) {
+        let reg = Registry::new(RegistryLimits {
+            live_buffer: 10,
+            duplicate_window: Duration::from_secs(5),
+        });
+        let (tx, rx) = mpsc::channel(100);
+        reg.add_conn(
+            ConnId(1),
+            ConnHandle {
+                tx,
+                kill: Arc::new(Notify::new()),
+            },
+        );
+        (reg, rx)
+    }
+
+    fn texts(rx: &mut mpsc::Receiver<Message>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(Message::Text(t)) = rx.try_recv() {
+            out.push(t.to_string());
+        }
+        out
+    }
+
+    fn live(ev: &Event) -> Arc<LiveEvent> {
+        Arc::new(LiveEvent {
+            event: ev.clone(),
+            json: ev.to_json(),
+        })
+    }
+
+    #[test]
+    fn live_events_wait_for_eose_and_are_not_sent_twice() {
+        let (reg, mut rx) = registry();
+        let keys = Keys::generate();
+        let sub = SubId::new("s").expect("valid");
+        reg.subscribe(
+            ConnId(1),
+            sub.clone(),
+            ReqId(1),
+            vec![filter(serde_json::json!({"kinds":[1]}))],
+            false,
+        );
+        let a = keys.sign(1, Kind(1), vec![], "a");
+        let b = keys.sign(2, Kind(1), vec![], "b");
+        reg.live(live(&a));
+        reg.live(live(&b));
+        reg.live(live(&keys.sign(3, Kind(2), vec![], "other kind")));
+        assert!(texts(&mut rx).is_empty(), "nothing before EOSE");
+        let stored = StoredEvent {
+            id: a.id,
+            json: shared::message::raw_json(a.to_json()).expect("json"),
+        };
+        reg.stored(ConnId(1), ReqId(1), &sub, vec![stored], true);
+        let got = texts(&mut rx);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(got[0].contains(&a.id.to_hex()));
+        assert_eq!(got[1], "[\"EOSE\",\"s\"]");
+        assert!(got[2].contains(&b.id.to_hex()));
+        reg.live(live(&b));
+        assert!(texts(&mut rx).is_empty(), "b was already sent");
+        let c = keys.sign(4, Kind(1), vec![], "c");
+        reg.live(live(&c));
+        assert_eq!(texts(&mut rx).len(), 1);
+    }
+
+    #[test]
+    fn stale_replies_and_closed_subscriptions_get_nothing() {
+        let (reg, mut rx) = registry();
+        let keys = Keys::generate();
+        let sub = SubId::new("s").expect("valid");
+        reg.subscribe(
+            ConnId(1),
+            sub.clone(),
+            ReqId(1),
+            vec![filter(serde_json::json!({}))],
+            false,
+        );
+        reg.subscribe(
+            ConnId(1),
+            sub.clone(),
+            ReqId(2),
+            vec![filter(
+                serde_json::json!({"authors":[keys.pubkey().to_hex()]}),
+            )],
+            false,
+        );
+        reg.stored(ConnId(1), ReqId(1), &sub, vec![], true);
+        assert!(
+            texts(&mut rx).is_empty(),
+            "reply for the replaced REQ is dropped"
+        );
+        reg.stored(ConnId(1), ReqId(2), &sub, vec![], true);
+        assert_eq!(texts(&mut rx), vec!["[\"EOSE\",\"s\"]"]);
+        reg.live(live(&Keys::generate().sign(
+            1,
+            Kind(1),
+            vec![],
+            "other author",
+        )));
+        assert!(texts(&mut rx).is_empty());
+        reg.unsubscribe(ConnId(1), &sub);
+        reg.live(live(&keys.sign(1, Kind(1), vec![], "after close")));
+        assert!(texts(&mut rx).is_empty());
+        assert_eq!(reg.subscriptions(ConnId(1)), 0);
+    }
+}

@@ -1,0 +1,96 @@
+//! One WebSocket session: a reader loop that parses and handles client messages, and a
+//! writer task that drains the connection's bounded outbound queue.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
+use futures_util::{SinkExt, StreamExt};
+use shared::bus::ConnId;
+use shared::message::notice_frame;
+use tokio::sync::{Notify, mpsc};
+
+use crate::AppState;
+use crate::cmd::Command;
+use crate::registry::ConnHandle;
+
+/// What a command handler needs: the shared state and which connection it serves.
+pub struct Session {
+    /// Shared gateway state.
+    pub state: Arc<AppState>,
+    /// This connection.
+    pub conn: ConnId,
+}
+
+impl Session {
+    /// Queues a frame for this connection.
+    pub fn send(&self, frame: String) {
+        self.state.registry.send(self.conn, frame);
+    }
+}
+
+/// Runs a session until the client leaves, it is too slow, or the gateway stops.
+pub async fn run(state: Arc<AppState>, socket: WebSocket, peer: SocketAddr) {
+    let conn = ConnId(state.next_id());
+    let (mut sink, mut stream) = socket.split();
+    let (tx, mut rx) = mpsc::channel::<Message>(state.config.limits.send_queue.max(1));
+    let kill = Arc::new(Notify::new());
+    state.registry.add_conn(
+        conn,
+        ConnHandle {
+            tx: tx.clone(),
+            kill: Arc::clone(&kill),
+        },
+    );
+    tracing::debug!(conn = conn.0, %peer, "connection opened");
+
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            let closing = matches!(msg, Message::Close(_));
+            if sink.send(msg).await.is_err() || closing {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    let session = Session {
+        state: Arc::clone(&state),
+        conn,
+    };
+    let mut stopping = state.stopping.clone();
+    let close = loop {
+        tokio::select! {
+            _ = kill.notified() => break Some((close_code::POLICY, "too slow: send queue full")),
+            _ = crate::stopped(&mut stopping) => break Some((close_code::AWAY, "relay shutting down")),
+            msg = stream.next() => match msg {
+                Some(Ok(Message::Text(text))) => match Command::parse(text.as_str()) {
+                    Ok(cmd) => cmd.handle(&session).await,
+                    Err(err) => crate::cmd::reject(&session, err),
+                },
+                Some(Ok(Message::Binary(_))) => {
+                    session.send(notice_frame("invalid: binary messages are not supported; send JSON text"));
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Close(_))) | None => break None,
+                Some(Err(e)) => {
+                    tracing::debug!(conn = conn.0, error = %e, "websocket error");
+                    break None;
+                }
+            },
+        }
+    };
+    state.registry.remove_conn(conn);
+    if let Some((code, reason)) = close {
+        let frame = Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        }));
+        if tx.try_send(frame).is_err() {
+            writer.abort();
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+    tracing::debug!(conn = conn.0, %peer, "connection closed");
+}
