@@ -38,7 +38,8 @@ help:
 run:
 	GATEWAYS=$(GATEWAYS) PROFILE=$(PROFILE) REDIS_PORT=$(REDIS_PORT) PG_PORT=$(PG_PORT) $(STACK) run
 
-# Start non-durable Redis/Postgres in $(TEST_STATE), build everything, run
+# Start fresh, non-durable Redis/Postgres in $(TEST_STATE) (wiped first, so per-test
+# databases never pile up), build everything, run
 # `cargo test --workspace` against them, and always stop them afterwards; the
 # exit status is cargo's (then chart-check's, when deploy/chart-check.sh exists).
 test:
@@ -46,6 +47,7 @@ test:
 	trap '$(STACK) services-down $(TEST_STATE) || true' EXIT; \
 	trap 'exit 130' INT; \
 	trap 'exit 143' TERM; \
+	$(STACK) clean $(TEST_STATE) >/dev/null || true; \
 	FAST=1 $(STACK) services-up $(TEST_STATE) $(TEST_REDIS_PORT) $(TEST_PG_PORT) || exit $$?; \
 	eval "$$($(STACK) test-env $(TEST_STATE))" || exit $$?; \
 	echo "RELAY_TEST_REDIS_URL=$$RELAY_TEST_REDIS_URL"; \
