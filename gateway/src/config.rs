@@ -1,6 +1,7 @@
 //! The gateway's configuration: flags or `RELAY_*` environment variables.
 
-use shared::config::{BusConfig, LogConfig};
+use shared::config::{BusConfig, LogConfig, PublicUrl, QueryLimits};
+use shared::event::Kind;
 
 /// Everything the gateway can be told.
 #[derive(clap::Parser, Debug, Clone)]
@@ -13,13 +14,20 @@ pub struct Config {
     /// Address to listen on (port 0 picks a free port; the bound address is printed).
     #[arg(long, env = "RELAY_LISTEN", default_value = "127.0.0.1:7777")]
     pub listen: String,
-    /// The relay's public WebSocket URL, as clients reach it (shown in NIP-11 and logs).
-    #[arg(long, env = "RELAY_PUBLIC_URL")]
-    pub public_url: Option<String>,
+    #[command(flatten)]
+    pub public: PublicUrl,
     #[command(flatten)]
     pub bus: BusConfig,
     #[command(flatten)]
     pub limits: Limits,
+    #[command(flatten)]
+    pub query_limits: QueryLimits,
+    #[command(flatten)]
+    pub event_limits: EventLimits,
+    #[command(flatten)]
+    pub auth: AuthPolicy,
+    #[command(flatten)]
+    pub rate: RateLimits,
     #[command(flatten)]
     pub info: RelayInfo,
     #[command(flatten)]
@@ -29,9 +37,20 @@ pub struct Config {
 /// Bounds on what one connection may use. Each says what happens at the limit.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Limits {
-    /// Largest WebSocket message accepted, in bytes; a larger one closes the connection.
+    /// Largest client message acted upon, in bytes. A larger one is answered with a NOTICE
+    /// and dropped; one over twice this size closes the connection (close code 1009).
     #[arg(long, env = "RELAY_MAX_MESSAGE_BYTES", default_value_t = 512 * 1024)]
     pub max_message_bytes: usize,
+    /// Open subscriptions per connection; a `REQ` for one more gets `CLOSED rate-limited:`.
+    #[arg(long, env = "RELAY_MAX_SUBSCRIPTIONS", default_value_t = 100)]
+    pub max_subscriptions: usize,
+    /// Filters in one `REQ` or `COUNT`; more get `CLOSED invalid:`.
+    #[arg(long, env = "RELAY_MAX_FILTERS", default_value_t = 20)]
+    pub max_filters: usize,
+    /// Longest subscription id, in characters (NIP-01 allows at most 64; larger values are
+    /// capped at 64).
+    #[arg(long, env = "RELAY_MAX_SUBID_LENGTH", default_value_t = 64)]
+    pub max_subid_length: usize,
     /// Open connections this gateway accepts; past it, upgrades get HTTP 503.
     #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 20_000)]
     pub max_connections: usize,
@@ -53,6 +72,81 @@ pub struct Limits {
     /// A worker counts as alive for `/readyz` if its heartbeat is younger than this, in ms.
     #[arg(long, env = "RELAY_WORKER_FRESH_MS", default_value_t = 6000)]
     pub worker_fresh_ms: u64,
+}
+
+/// What an event may look like; each violation gets `OK false` with the prefix named.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EventLimits {
+    /// Most tags in one event (`invalid:`).
+    #[arg(long, env = "RELAY_MAX_EVENT_TAGS", default_value_t = 2500)]
+    pub max_event_tags: usize,
+    /// Longest `content`, in characters (`invalid:`).
+    #[arg(long, env = "RELAY_MAX_CONTENT_LENGTH", default_value_t = 100_000)]
+    pub max_content_length: usize,
+    /// How far in the past `created_at` may be, in seconds; 0 accepts any age (`invalid:`).
+    #[arg(long, env = "RELAY_CREATED_AT_LOWER_LIMIT", default_value_t = 0)]
+    pub created_at_lower_limit: i64,
+    /// How far in the future `created_at` may be, in seconds (`invalid:`).
+    #[arg(long, env = "RELAY_CREATED_AT_UPPER_LIMIT", default_value_t = 900)]
+    pub created_at_upper_limit: i64,
+    /// Minimum NIP-13 proof-of-work difficulty (leading zero bits of the id); 0 is off
+    /// (`pow:`).
+    #[arg(long, env = "RELAY_MIN_POW_DIFFICULTY", default_value_t = 0)]
+    pub min_pow_difficulty: u32,
+}
+
+/// NIP-42 authentication policies; each refusal is `auth-required:` (or `restricted:` when
+/// the client authenticated as someone else).
+#[derive(clap::Args, Debug, Clone)]
+pub struct AuthPolicy {
+    /// Only authenticated clients may publish.
+    #[arg(long, env = "RELAY_AUTH_WRITE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub auth_write: bool,
+    /// Only authenticated clients may query (REQ and COUNT).
+    #[arg(long, env = "RELAY_AUTH_READ", default_value_t = false, action = clap::ArgAction::Set)]
+    pub auth_read: bool,
+    /// Kinds given only to an authenticated author or `p`-tagged recipient, through REQ,
+    /// live delivery and COUNT; comma-separated, empty for none.
+    #[arg(long, env = "RELAY_RESTRICTED_KINDS", default_value = "4,1059,14")]
+    pub restricted_kinds: String,
+    /// How far an AUTH event's `created_at` may be from now, in seconds.
+    #[arg(long, env = "RELAY_AUTH_WINDOW_SECS", default_value_t = 600)]
+    pub auth_window_secs: i64,
+}
+
+impl AuthPolicy {
+    /// The read-restricted kinds, parsed.
+    pub fn restricted(&self) -> Result<Vec<Kind>, String> {
+        self.restricted_kinds
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<u16>()
+                    .map(Kind)
+                    .map_err(|_| format!("RELAY_RESTRICTED_KINDS: {s:?} is not a kind"))
+            })
+            .collect()
+    }
+}
+
+/// Rate limits, counted in Redis so they hold across every gateway; 0 turns one off.
+/// Exceeding one gets `rate-limited:`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RateLimits {
+    /// Events per minute from one IP address.
+    #[arg(long, env = "RELAY_RATE_EVENTS_PER_IP", default_value_t = 300)]
+    pub events_per_ip: u64,
+    /// Events per minute from one pubkey.
+    #[arg(long, env = "RELAY_RATE_EVENTS_PER_PUBKEY", default_value_t = 120)]
+    pub events_per_pubkey: u64,
+    /// REQ and COUNT messages per minute from one IP address.
+    #[arg(long, env = "RELAY_RATE_REQS_PER_IP", default_value_t = 600)]
+    pub reqs_per_ip: u64,
+    /// Take the client address from the last `X-Forwarded-For` entry (set this only behind
+    /// a load balancer that sets it).
+    #[arg(long, env = "RELAY_TRUST_FORWARDED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub trust_forwarded: bool,
 }
 
 /// What NIP-11 says about this relay.
@@ -77,4 +171,18 @@ pub struct RelayInfo {
     /// Relay icon URL.
     #[arg(long, env = "RELAY_ICON")]
     pub relay_icon: Option<String>,
+}
+
+impl Config {
+    /// Checks settings that clap cannot; call before opening any socket.
+    pub fn validate(&self) -> Result<(), String> {
+        self.auth.restricted()?;
+        if self.limits.max_subid_length == 0 {
+            return Err("RELAY_MAX_SUBID_LENGTH must be at least 1".into());
+        }
+        if self.limits.max_message_bytes < 1024 {
+            return Err("RELAY_MAX_MESSAGE_BYTES must be at least 1024".into());
+        }
+        Ok(())
+    }
 }

@@ -47,10 +47,21 @@ async fn root(
             )
                 .into_response();
         }
-        let max = limits.max_message_bytes;
+        // Past max_message_bytes a message gets a NOTICE; past twice that, the socket closes.
+        let hard_max = limits.max_message_bytes.saturating_mul(2);
+        let peer = session::Peer {
+            ip: client_ip(&state, peer, &headers),
+            relay_host: state.relay_host.clone().unwrap_or_else(|| {
+                let host = headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or("");
+                shared::config::relay_host(host)
+            }),
+        };
         return upgrade
-            .max_message_size(max)
-            .max_frame_size(max)
+            .max_message_size(hard_max)
+            .max_frame_size(hard_max)
             .on_upgrade(move |socket| session::run(state, socket, peer));
     }
     let wants_info = headers
@@ -65,7 +76,7 @@ async fn root(
         )
             .into_response();
     }
-    let hint = match &state.config.public_url {
+    let hint = match &state.config.public.public_url {
         Some(url) => format!("This is a Nostr relay. Connect a Nostr client to {url}\n"),
         None => {
             "This is a Nostr relay. Connect a Nostr client to this address with ws://\n".to_owned()
@@ -74,22 +85,56 @@ async fn root(
     hint.into_response()
 }
 
-/// The NIP-11 relay information document.
+/// The client's address: the TCP peer, or the last `X-Forwarded-For` entry (what the
+/// trusted load balancer saw) when configured to trust it.
+fn client_ip(state: &AppState, peer: SocketAddr, headers: &HeaderMap) -> std::net::IpAddr {
+    if state.config.rate.trust_forwarded
+        && let Some(ip) = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|s| s.trim().parse().ok())
+            .next_back()
+    {
+        return ip;
+    }
+    peer.ip()
+}
+
+/// The NIPs this relay implements, all working through the whole cluster.
+pub const SUPPORTED_NIPS: &[u32] = &[1, 9, 11, 13, 40, 42, 45, 50, 62, 70];
+
+/// The NIP-11 relay information document; the `limitation` block shows the limits this
+/// gateway enforces.
 pub fn relay_info(state: &AppState) -> serde_json::Value {
-    let info = &state.config.info;
+    let c = &state.config;
+    let info = &c.info;
+    let mut limitation = serde_json::json!({
+        "max_message_length": c.limits.max_message_bytes,
+        "max_subscriptions": c.limits.max_subscriptions,
+        "max_filters": c.limits.max_filters,
+        "max_limit": c.query_limits.max_limit,
+        "default_limit": c.query_limits.default_limit,
+        "max_subid_length": c.limits.max_subid_length.min(shared::message::MAX_SUB_ID_CHARS),
+        "max_event_tags": c.event_limits.max_event_tags,
+        "max_content_length": c.event_limits.max_content_length,
+        "min_pow_difficulty": c.event_limits.min_pow_difficulty,
+        "auth_required": c.auth.auth_read && c.auth.auth_write,
+        "payment_required": false,
+        "restricted_writes": c.auth.auth_write || c.event_limits.min_pow_difficulty > 0,
+        "created_at_upper_limit": c.event_limits.created_at_upper_limit,
+    });
+    if c.event_limits.created_at_lower_limit > 0 {
+        limitation["created_at_lower_limit"] = c.event_limits.created_at_lower_limit.into();
+    }
     let mut doc = serde_json::json!({
         "name": info.relay_name,
         "description": info.relay_description,
-        "software": "https://github.com/nostr-relay-cluster",
+        "software": "https://github.com/nostr-relay-cluster/relay",
         "version": env!("CARGO_PKG_VERSION"),
-        "supported_nips": [1, 11],
-        "limitation": {
-            "max_message_length": state.config.limits.max_message_bytes,
-            "max_subid_length": shared::message::MAX_SUB_ID_CHARS,
-            "auth_required": false,
-            "payment_required": false,
-            "restricted_writes": false,
-        },
+        "supported_nips": SUPPORTED_NIPS,
+        "limitation": limitation,
     });
     for (key, value) in [
         ("pubkey", &info.relay_pubkey),

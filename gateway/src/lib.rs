@@ -6,6 +6,8 @@
 //! - [`registry`]: connections, subscriptions, the live-match index, delivery.
 //! - [`pubsub`]: the Redis subscriber that brings replies and live events back.
 //! - [`http`]: the routes: WebSocket upgrade, NIP-11, `/healthz`, `/readyz`.
+//! - [`policy`]: what an event, `REQ` or `COUNT` must satisfy before it goes on the bus.
+//! - [`ratelimit`]: cluster-wide rate limits, counted in Redis.
 //!
 //! **Invariant:** the gateway holds no durable state; any gateway can die and its clients
 //! reconnect to another.
@@ -13,7 +15,9 @@
 pub mod cmd;
 pub mod config;
 pub mod http;
+pub mod policy;
 pub mod pubsub;
+pub mod ratelimit;
 pub mod registry;
 pub mod session;
 
@@ -29,7 +33,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use config::Config;
-use registry::{Registry, RegistryLimits};
+use registry::{LivePolicy, Registry, RegistryLimits};
+use shared::event::Kind;
 
 /// What every request handler and session shares.
 pub struct AppState {
@@ -47,6 +52,10 @@ pub struct AppState {
     pub pubsub_up: AtomicBool,
     /// Becomes `true` when the gateway is shutting down.
     pub stopping: watch::Receiver<bool>,
+    /// Read-restricted kinds (from the validated configuration).
+    pub restricted_kinds: Vec<Kind>,
+    /// This relay's host for NIP-42, when configured (else taken from each request).
+    pub relay_host: Option<String>,
     next_id: AtomicU64,
 }
 
@@ -79,15 +88,28 @@ pub async fn run(
     };
     let drain = Duration::from_secs(config.limits.drain_secs);
     let gateway = GatewayId::random();
-    tracing::info!(%gateway, public_url = ?config.public_url, "gateway ready");
+    tracing::info!(%gateway, public_url = ?config.public.public_url, "gateway ready");
+    let restricted_kinds = config.auth.restricted().map_err(anyhow::Error::msg)?;
+    let relay_host = config
+        .public
+        .public_url
+        .as_deref()
+        .map(shared::config::relay_host);
     let state = Arc::new(AppState {
         config,
         bus,
         gateway,
         redis,
-        registry: Registry::new(limits),
+        registry: Registry::new(
+            limits,
+            LivePolicy {
+                restricted_kinds: restricted_kinds.clone(),
+            },
+        ),
         pubsub_up: AtomicBool::new(false),
         stopping: stop_rx.clone(),
+        restricted_kinds,
+        relay_host,
         next_id: AtomicU64::new(1),
     });
     let subscriber = tokio::spawn(pubsub::run(Arc::clone(&state), stop_rx));

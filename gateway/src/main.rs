@@ -9,6 +9,9 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     shared::telemetry::init(config.log.log_format);
     tracing::info!(?config, "starting gateway");
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

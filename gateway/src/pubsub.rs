@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use shared::bus::{self, GatewayReply};
 use shared::event::Event;
-use shared::message::ok_frame;
+use shared::message::{closed_frame, count_frame, ok_frame};
 use tokio::sync::watch;
 
 use crate::AppState;
@@ -97,6 +97,17 @@ fn dispatch(state: &AppState, is_live: bool, payload: &[u8]) {
             ..
         }) => {
             state.registry.stored(conn, req, &sub_id, events, eose);
+        }
+        Ok(GatewayReply::Count {
+            conn,
+            query_id,
+            result,
+        }) => {
+            let frame = match result {
+                Ok(n) => count_frame(&query_id, n),
+                Err(message) => closed_frame(&query_id, &message),
+            };
+            state.registry.send(conn, frame);
         }
         Ok(GatewayReply::Closed {
             conn,

@@ -59,6 +59,8 @@ struct Sub {
 struct Conn {
     handle: ConnHandle,
     subs: HashMap<SubId, Sub>,
+    /// NIP-42 pubkeys, for read-restricted kinds.
+    authed: Vec<PubKey>,
 }
 
 /// The index keys of a subscription: each filter is filed under its most selective
@@ -130,11 +132,18 @@ pub struct RegistryLimits {
     pub duplicate_window: Duration,
 }
 
+/// Who may see live events of which kinds.
+pub struct LivePolicy {
+    /// Kinds delivered only to an authenticated author or `p`-tagged recipient.
+    pub restricted_kinds: Vec<Kind>,
+}
+
 /// The gateway's connections and subscriptions. One lock; every operation is short and
 /// never awaits while holding it.
 pub struct Registry {
     inner: Mutex<Inner>,
     limits: RegistryLimits,
+    policy: LivePolicy,
 }
 
 /// Sends a frame without waiting; a full queue marks the connection for closing.
@@ -154,10 +163,11 @@ fn push(conn_id: ConnId, handle: &ConnHandle, frame: String) {
 
 impl Registry {
     /// An empty registry.
-    pub fn new(limits: RegistryLimits) -> Self {
+    pub fn new(limits: RegistryLimits, policy: LivePolicy) -> Self {
         Registry {
             inner: Mutex::new(Inner::default()),
             limits,
+            policy,
         }
     }
 
@@ -180,8 +190,16 @@ impl Registry {
             Conn {
                 handle,
                 subs: HashMap::new(),
+                authed: Vec::new(),
             },
         );
+    }
+
+    /// Records the pubkeys a connection authenticated as.
+    pub fn set_authed(&self, conn: ConnId, authed: Vec<PubKey>) {
+        if let Some(c) = self.lock().conns.get_mut(&conn) {
+            c.authed = authed;
+        }
     }
 
     /// Removes a connection and all its subscriptions.
@@ -200,6 +218,14 @@ impl Registry {
         if let Some(c) = inner.conns.get(&conn) {
             push(conn, &c.handle, frame);
         }
+    }
+
+    /// Whether a connection holds a subscription with this id.
+    pub fn has_subscription(&self, conn: ConnId, sub_id: &SubId) -> bool {
+        self.lock()
+            .conns
+            .get(&conn)
+            .is_some_and(|c| c.subs.contains_key(sub_id))
     }
 
     /// Number of subscriptions a connection holds.
@@ -322,9 +348,15 @@ impl Registry {
         }
     }
 
-    /// Delivers a live event to every matching subscription on this gateway.
+    /// Delivers a live event to every matching subscription on this gateway. Expired events
+    /// (NIP-40) go nowhere; read-restricted kinds only to connections authenticated as the
+    /// author or a `p`-tagged recipient.
     pub fn live(&self, live: Arc<LiveEvent>) {
         let ev = &live.event;
+        if ev.is_expired(shared::unix_now()) {
+            return;
+        }
+        let restricted = self.policy.restricted_kinds.contains(&ev.kind);
         let mut inner = self.lock();
         let mut candidates: HashSet<(ConnId, SubId)> = HashSet::new();
         let mut collect = |key: IndexKey| {
@@ -350,6 +382,9 @@ impl Registry {
                 continue;
             };
             if !sub.filters.iter().any(|f| f.matches(ev)) {
+                continue;
+            }
+            if restricted && !c.authed.iter().any(|pk| ev.involves(pk)) {
                 continue;
             }
             match &mut sub.phase {
@@ -396,10 +431,15 @@ mod tests {
     }
 
     fn registry() -> (Registry, mpsc::Receiver<Message>) {
-        let reg = Registry::new(RegistryLimits {
-            live_buffer: 10,
-            duplicate_window: Duration::from_secs(5),
-        });
+        let reg = Registry::new(
+            RegistryLimits {
+                live_buffer: 10,
+                duplicate_window: Duration::from_secs(5),
+            },
+            LivePolicy {
+                restricted_kinds: vec![Kind(4)],
+            },
+        );
         let (tx, rx) = mpsc::channel(100);
         reg.add_conn(
             ConnId(1),
@@ -459,6 +499,35 @@ mod tests {
         let c = keys.sign(4, Kind(1), vec![], "c");
         reg.live(live(&c));
         assert_eq!(texts(&mut rx).len(), 1);
+    }
+
+    #[test]
+    fn restricted_kinds_reach_only_authenticated_parties() {
+        let (reg, mut rx) = registry();
+        let sub = SubId::new("dm").expect("valid");
+        reg.subscribe(
+            ConnId(1),
+            sub.clone(),
+            ReqId(1),
+            vec![filter(serde_json::json!({"kinds":[4]}))],
+            true,
+        );
+        assert_eq!(texts(&mut rx).len(), 1, "EOSE");
+        let me = Keys::generate();
+        let dm = Keys::generate().sign(
+            1,
+            Kind(4),
+            vec![vec!["p".into(), me.pubkey().to_hex()]],
+            "secret",
+        );
+        reg.live(live(&dm));
+        assert!(texts(&mut rx).is_empty(), "not authenticated");
+        reg.set_authed(ConnId(1), vec![Keys::generate().pubkey()]);
+        reg.live(live(&dm));
+        assert!(texts(&mut rx).is_empty(), "authenticated as a stranger");
+        reg.set_authed(ConnId(1), vec![me.pubkey()]);
+        reg.live(live(&dm));
+        assert_eq!(texts(&mut rx).len(), 1, "recipient");
     }
 
     #[test]

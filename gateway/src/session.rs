@@ -1,25 +1,34 @@
 //! One WebSocket session: a reader loop that parses and handles client messages, and a
 //! writer task that drains the connection's bounded outbound queue.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
 use futures_util::{SinkExt, StreamExt};
-use shared::bus::ConnId;
-use shared::message::notice_frame;
+use shared::bus::{ConnId, Viewer};
+use shared::event::PubKey;
+use shared::message::{auth_frame, notice_frame};
 use tokio::sync::{Notify, mpsc};
 
 use crate::AppState;
 use crate::cmd::Command;
 use crate::registry::ConnHandle;
 
-/// What a command handler needs: the shared state and which connection it serves.
+/// What a command handler needs: the shared state and this connection's own state.
 pub struct Session {
     /// Shared gateway state.
     pub state: Arc<AppState>,
     /// This connection.
     pub conn: ConnId,
+    /// The client's address (for rate limits).
+    pub ip: IpAddr,
+    /// The NIP-42 challenge sent on connect.
+    pub challenge: String,
+    /// The relay host AUTH events must name (NIP-42 `relay` tag).
+    pub relay_host: String,
+    /// Pubkeys this connection authenticated as (NIP-42), in order.
+    pub authed: Vec<PubKey>,
 }
 
 impl Session {
@@ -27,10 +36,36 @@ impl Session {
     pub fn send(&self, frame: String) {
         self.state.registry.send(self.conn, frame);
     }
+
+    /// Who is asking, for read-restricted kinds.
+    pub fn viewer(&self) -> Viewer {
+        Viewer {
+            authed: self.authed.clone(),
+            restricted_kinds: self.state.restricted_kinds.clone(),
+        }
+    }
+
+    /// Records a successful AUTH.
+    pub fn authenticate(&mut self, pubkey: PubKey) {
+        if !self.authed.contains(&pubkey) {
+            self.authed.push(pubkey);
+            self.state
+                .registry
+                .set_authed(self.conn, self.authed.clone());
+        }
+    }
+}
+
+/// Where a connection comes from.
+pub struct Peer {
+    /// The client address.
+    pub ip: IpAddr,
+    /// The relay host the client connected to (for NIP-42).
+    pub relay_host: String,
 }
 
 /// Runs a session until the client leaves, it is too slow, or the gateway stops.
-pub async fn run(state: Arc<AppState>, socket: WebSocket, peer: SocketAddr) {
+pub async fn run(state: Arc<AppState>, socket: WebSocket, peer: Peer) {
     let conn = ConnId(state.next_id());
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::channel::<Message>(state.config.limits.send_queue.max(1));
@@ -42,7 +77,7 @@ pub async fn run(state: Arc<AppState>, socket: WebSocket, peer: SocketAddr) {
             kill: Arc::clone(&kill),
         },
     );
-    tracing::debug!(conn = conn.0, %peer, "connection opened");
+    tracing::debug!(conn = conn.0, ip = %peer.ip, "connection opened");
 
     let writer = tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
@@ -54,18 +89,30 @@ pub async fn run(state: Arc<AppState>, socket: WebSocket, peer: SocketAddr) {
         let _ = sink.close().await;
     });
 
-    let session = Session {
+    let challenge = hex::encode(rand::random::<[u8; 16]>());
+    let mut session = Session {
         state: Arc::clone(&state),
         conn,
+        ip: peer.ip,
+        relay_host: peer.relay_host,
+        challenge,
+        authed: Vec::new(),
     };
+    session.send(auth_frame(&session.challenge));
+    let max_message = state.config.limits.max_message_bytes;
     let mut stopping = state.stopping.clone();
     let close = loop {
         tokio::select! {
             _ = kill.notified() => break Some((close_code::POLICY, "too slow: send queue full")),
             _ = crate::stopped(&mut stopping) => break Some((close_code::AWAY, "relay shutting down")),
             msg = stream.next() => match msg {
+                Some(Ok(Message::Text(text))) if text.len() > max_message => {
+                    session.send(notice_frame(&format!(
+                        "invalid: message is {} bytes; the limit is {max_message}", text.len()
+                    )));
+                }
                 Some(Ok(Message::Text(text))) => match Command::parse(text.as_str()) {
-                    Ok(cmd) => cmd.handle(&session).await,
+                    Ok(cmd) => cmd.handle(&mut session).await,
                     Err(err) => crate::cmd::reject(&session, err),
                 },
                 Some(Ok(Message::Binary(_))) => {
@@ -92,5 +139,5 @@ pub async fn run(state: Arc<AppState>, socket: WebSocket, peer: SocketAddr) {
     }
     drop(tx);
     let _ = writer.await;
-    tracing::debug!(conn = conn.0, %peer, "connection closed");
+    tracing::debug!(conn = conn.0, ip = %peer.ip, "connection closed");
 }

@@ -4,14 +4,62 @@ use redis::aio::ConnectionManager;
 use shared::bus::{
     self, ConnId, Entry, GatewayId, GatewayReply, IngestRequest, LiveEvent, TraceContext,
 };
-use shared::event::{Event, EventId, KindClass};
+use shared::config::relay_host;
+use shared::event::{Event, EventId, Kind, KindClass};
 use shared::message::raw_json;
 use shared::worker::{Context, Handler};
 
 use crate::write::{self, Outcome, Pending};
 
 /// The ingest worker's [`Handler`].
-pub struct Ingest;
+pub struct Ingest {
+    /// This relay's host, for NIP-62 requests addressed to it.
+    relay_host: Option<String>,
+    purge_every: std::time::Duration,
+}
+
+/// Most expired events deleted by one purge statement.
+const PURGE_BATCH: i64 = 10_000;
+
+impl Ingest {
+    /// A handler for this configuration.
+    pub fn new(config: &crate::Config) -> Self {
+        Ingest {
+            relay_host: config.public.public_url.as_deref().map(relay_host),
+            purge_every: std::time::Duration::from_secs(config.expiry_purge_secs),
+        }
+    }
+
+    /// NIP-62: a kind-62 event whose `relay` tags name this relay or `ALL_RELAYS`.
+    fn is_vanish_for_us(&self, event: &Event) -> bool {
+        event.kind == Kind(62)
+            && event.tag_values("relay").any(|r| {
+                r == "ALL_RELAYS"
+                    || self
+                        .relay_host
+                        .as_deref()
+                        .is_some_and(|h| relay_host(r) == h)
+            })
+    }
+}
+
+/// Deletes expired events every `every`, in bounded statements.
+async fn purge_loop(db: deadpool_postgres::Pool, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        loop {
+            match write::purge_expired(&db, shared::unix_now(), PURGE_BATCH).await {
+                Ok(n) if n > 0 => tracing::info!(purged = n, "deleted expired events"),
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "purging expired events failed");
+                    break;
+                }
+            }
+        }
+    }
+}
 
 /// One event of the batch, with where its `OK` goes.
 struct Item {
@@ -22,6 +70,12 @@ struct Item {
 }
 
 impl Handler for Ingest {
+    fn start(&mut self, ctx: &Context) {
+        if !self.purge_every.is_zero() {
+            tokio::spawn(purge_loop(ctx.db.clone(), self.purge_every));
+        }
+    }
+
     async fn handle(&mut self, ctx: &Context, entries: &[Entry]) {
         let items = verify_all(decode_all(entries)).await;
         let mut replies = Replies::default();
@@ -38,7 +92,12 @@ impl Handler for Ingest {
             .iter()
             .filter_map(|(i, json)| {
                 let event = items[*i].event.as_ref().ok()?;
-                Some(Pending { event, json })
+                let vanish = self.is_vanish_for_us(event);
+                Some(Pending {
+                    event,
+                    json,
+                    vanish,
+                })
             })
             .collect();
         let results = write::store_batch(&ctx.db, &pending).await;
@@ -67,6 +126,16 @@ impl Handler for Ingest {
                             false,
                             "duplicate: a newer version of this replaceable event is already stored".into(),
                         ),
+                        Ok(Outcome::Deleted) => {
+                            replies.ok(ctx, item, false, "blocked: this event was deleted by its author".into())
+                        }
+                        Ok(Outcome::Vanished) => replies.ok(
+                            ctx,
+                            item,
+                            false,
+                            "blocked: the author asked this relay to delete their events".into(),
+                        ),
+                        Ok(Outcome::VanishedNow) => replies.ok(ctx, item, true, String::new()),
                         Err(e) => {
                             tracing::error!(error = %e, id = %item.id, "storing event failed");
                             replies.ok(ctx, item, false, "error: could not store the event; try again".into());

@@ -14,7 +14,7 @@ mod write;
 use std::future::Future;
 
 use shared::bus::Role;
-use shared::config::{BusConfig, DatabaseConfig, LogConfig};
+use shared::config::{BusConfig, DatabaseConfig, LogConfig, PublicUrl};
 use shared::worker::{self, WorkerConfig, WorkerError};
 
 /// Everything the ingest worker can be told, from flags or `RELAY_*` variables.
@@ -32,6 +32,12 @@ pub struct Config {
     #[command(flatten)]
     pub worker: WorkerConfig,
     #[command(flatten)]
+    pub public: PublicUrl,
+    /// How often expired events (NIP-40) are purged, in seconds; 0 turns purging off (they
+    /// are still never served).
+    #[arg(long, env = "RELAY_EXPIRY_PURGE_SECS", default_value_t = 60)]
+    pub expiry_purge_secs: u64,
+    #[command(flatten)]
     pub log: LogConfig,
 }
 
@@ -45,7 +51,7 @@ pub async fn run(
         &config.bus,
         &config.db,
         &config.worker,
-        ingest::Ingest,
+        ingest::Ingest::new(&config),
         shutdown,
     )
     .await

@@ -1,8 +1,13 @@
-//! Writing events to Postgres: one transaction per batch, keep-newest enforced by the
-//! database's unique replacement key (see `shared::store`).
+//! Writing events to Postgres: one transaction per batch, with the storage rules of NIP-01
+//! (keep-newest, enforced by the unique replacement key), NIP-09 (deletion), NIP-40
+//! (expiration column) and NIP-62 (request to vanish).
+//!
+//! **Invariant:** every write of an author's events holds that author's advisory lock: shared
+//! for ordinary events, exclusive for deletions and requests to vanish. So a deletion and a
+//! re-publication of the deleted event, handled by two workers at once, cannot both win.
 
-use deadpool_postgres::Pool;
-use shared::event::Event;
+use deadpool_postgres::{Pool, Transaction};
+use shared::event::{Event, EventId, Kind, KindClass, PubKey};
 use shared::store::StoreError;
 
 /// What happened to one event.
@@ -15,6 +20,12 @@ pub enum Outcome {
     /// A replaceable or addressable event older than (or tied with a lower id than) the
     /// version already stored; not stored.
     Superseded,
+    /// Deleted by its author (NIP-09) earlier; not stored again.
+    Deleted,
+    /// Its author asked this relay to vanish (NIP-62); not stored.
+    Vanished,
+    /// A request to vanish addressed to this relay: the author's events are gone.
+    VanishedNow,
 }
 
 /// An event ready to write, with the JSON it will be served as.
@@ -23,19 +34,31 @@ pub struct Pending<'a> {
     pub event: &'a Event,
     /// `event.to_json()`, computed once.
     pub json: &'a str,
+    /// Whether this is a NIP-62 request to vanish addressed to this relay.
+    pub vanish: bool,
 }
 
 /// Longest tag value indexed for `#x` queries, in bytes. Postgres btree entries are limited
 /// to about 2.7 kB; longer values are kept in the event but cannot be queried by tag.
 const MAX_INDEXED_TAG_VALUE: usize = 1024;
 
-const INSERT_REGULAR: &str = "INSERT INTO events (id, pubkey, kind, created_at, d_tag, json) \
-     VALUES ($1, $2, $3, $4, NULL, $5) ON CONFLICT (id) DO NOTHING RETURNING seq";
+const LOCK_SHARED: &str = "SELECT pg_advisory_xact_lock_shared($1)";
+const LOCK_EXCLUSIVE: &str = "SELECT pg_advisory_xact_lock($1)";
 
-const UPSERT_REPLACEABLE: &str = "INSERT INTO events (id, pubkey, kind, created_at, d_tag, json) \
-     VALUES ($1, $2, $3, $4, $5, $6) \
+const REFUSED: &str = "SELECT \
+     EXISTS (SELECT 1 FROM deleted_events WHERE id = $1 AND pubkey = $2), \
+     EXISTS (SELECT 1 FROM vanished WHERE pubkey = $2 AND until >= $3), \
+     EXISTS (SELECT 1 FROM deleted_addresses WHERE pubkey = $2 AND kind = $4 AND d_tag = $5 AND until >= $3)";
+
+const INSERT_REGULAR: &str = "INSERT INTO events (id, pubkey, kind, created_at, d_tag, expires_at, search, json) \
+     VALUES ($1, $2, $3, $4, NULL, $5, CASE WHEN $6::text = '' THEN NULL ELSE to_tsvector('simple', $6::text) END, $7) \
+     ON CONFLICT (id) DO NOTHING RETURNING seq";
+
+const UPSERT_REPLACEABLE: &str = "INSERT INTO events (id, pubkey, kind, created_at, d_tag, expires_at, search, json) \
+     VALUES ($1, $2, $3, $4, $8, $5, CASE WHEN $6::text = '' THEN NULL ELSE to_tsvector('simple', $6::text) END, $7) \
      ON CONFLICT (pubkey, kind, d_tag) WHERE d_tag IS NOT NULL DO UPDATE \
-     SET id = EXCLUDED.id, created_at = EXCLUDED.created_at, json = EXCLUDED.json \
+     SET id = EXCLUDED.id, created_at = EXCLUDED.created_at, expires_at = EXCLUDED.expires_at, \
+         search = EXCLUDED.search, json = EXCLUDED.json \
      WHERE EXCLUDED.created_at > events.created_at \
         OR (EXCLUDED.created_at = events.created_at AND EXCLUDED.id < events.id) \
      RETURNING seq, (xmax = 0) AS inserted";
@@ -46,6 +69,38 @@ const DELETE_TAGS: &str = "DELETE FROM tags WHERE event_seq = $1";
 
 const INSERT_TAGS: &str = "INSERT INTO tags (event_seq, name, value, kind, created_at) \
      SELECT $1, n, v, $4, $5 FROM unnest($2::text[], $3::text[]) AS t(n, v)";
+
+const DELETE_BY_IDS: &str = "DELETE FROM events WHERE id = ANY($1) AND pubkey = $2 AND kind <> 5";
+
+const TOMBSTONE_IDS: &str = "INSERT INTO deleted_events (id, pubkey) \
+     SELECT unnest($1::bytea[]), $2 ON CONFLICT (id) DO NOTHING";
+
+const DELETE_ADDRESS: &str =
+    "DELETE FROM events WHERE pubkey = $1 AND kind = $2 AND d_tag = $3 AND created_at <= $4";
+
+const TOMBSTONE_ADDRESS: &str = "INSERT INTO deleted_addresses (pubkey, kind, d_tag, until) VALUES ($1, $2, $3, $4) \
+     ON CONFLICT (pubkey, kind, d_tag) DO UPDATE SET until = GREATEST(deleted_addresses.until, EXCLUDED.until)";
+
+const VANISH_EVENTS: &str = "DELETE FROM events WHERE pubkey = $1 AND created_at <= $2";
+
+const VANISH_GIFT_WRAPS: &str = "DELETE FROM events WHERE kind = 1059 AND created_at <= $1 \
+     AND seq IN (SELECT event_seq FROM tags WHERE name = 'p' AND value = $2)";
+
+const RECORD_VANISH: &str = "INSERT INTO vanished (pubkey, until, request) VALUES ($1, $2, $3) \
+     ON CONFLICT (pubkey) DO UPDATE SET until = GREATEST(vanished.until, EXCLUDED.until), request = EXCLUDED.request";
+
+/// Deletes expired events (NIP-40), at most `batch` rows; returns how many.
+pub async fn purge_expired(db: &Pool, now: i64, batch: i64) -> Result<u64, StoreError> {
+    let client = db.get().await?;
+    let n = client
+        .execute(
+            "DELETE FROM events WHERE seq IN \
+             (SELECT seq FROM events WHERE expires_at <= $1 LIMIT $2)",
+            &[&now, &batch],
+        )
+        .await?;
+    Ok(n)
+}
 
 /// Stores a batch in one transaction. If the transaction fails as a whole (a deadlock with
 /// another worker, say), each event is retried in its own transaction so one bad event
@@ -66,69 +121,223 @@ pub async fn store_batch(db: &Pool, batch: &[Pending<'_>]) -> Vec<Result<Outcome
     }
 }
 
+/// The advisory lock key of an author: the first eight bytes of the pubkey.
+fn author_lock(pubkey: &PubKey) -> i64 {
+    let b = pubkey.as_bytes();
+    i64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+}
+
 async fn store_in_tx(db: &Pool, batch: &[Pending<'_>]) -> Result<Vec<Outcome>, StoreError> {
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
-    let insert_regular = tx.prepare_cached(INSERT_REGULAR).await?;
-    let upsert_replaceable = tx.prepare_cached(UPSERT_REPLACEABLE).await?;
-    let id_exists = tx.prepare_cached(ID_EXISTS).await?;
-    let delete_tags = tx.prepare_cached(DELETE_TAGS).await?;
-    let insert_tags = tx.prepare_cached(INSERT_TAGS).await?;
-
     let mut outcomes = Vec::with_capacity(batch.len());
-    for Pending { event, json } in batch {
-        let id = event.id.as_bytes().as_slice();
-        let pubkey = event.pubkey.as_bytes().as_slice();
-        let kind = i32::from(event.kind.0);
-        let (seq, replaced) = match event.replace_key() {
-            None => {
-                let row = tx
-                    .query_opt(
-                        &insert_regular,
-                        &[&id, &pubkey, &kind, &event.created_at, json],
-                    )
-                    .await?;
-                (row.map(|r| r.get::<_, i64>(0)), false)
-            }
-            Some(d_tag) => {
-                let row = tx
-                    .query_opt(
-                        &upsert_replaceable,
-                        &[&id, &pubkey, &kind, &event.created_at, &d_tag, json],
-                    )
-                    .await?;
-                match row {
-                    Some(r) => (Some(r.get::<_, i64>(0)), !r.get::<_, bool>(1)),
-                    None => (None, false),
-                }
-            }
-        };
-        let Some(seq) = seq else {
-            let exists = tx.query_opt(&id_exists, &[&id]).await?.is_some();
-            outcomes.push(if exists {
-                Outcome::Duplicate
-            } else {
-                Outcome::Superseded
-            });
-            continue;
-        };
-        if replaced {
-            tx.execute(&delete_tags, &[&seq]).await?;
-        }
-        let (names, values): (Vec<String>, Vec<&str>) = event
-            .indexed_tags()
-            .filter(|(_, v)| v.len() <= MAX_INDEXED_TAG_VALUE && !v.contains('\0'))
-            .map(|(n, v)| (n.to_string(), v))
-            .unzip();
-        if !names.is_empty() {
-            tx.execute(
-                &insert_tags,
-                &[&seq, &names, &values, &kind, &event.created_at],
-            )
-            .await?;
-        }
-        outcomes.push(Outcome::Stored);
+    for pending in batch {
+        outcomes.push(store_one(&tx, pending).await?);
     }
     tx.commit().await?;
     Ok(outcomes)
+}
+
+async fn store_one(tx: &Transaction<'_>, pending: &Pending<'_>) -> Result<Outcome, StoreError> {
+    let event = pending.event;
+    let id = event.id.as_bytes().as_slice();
+    let pubkey = event.pubkey.as_bytes().as_slice();
+    let kind = i32::from(event.kind.0);
+    let d_tag = event.replace_key();
+    let writes_others = pending.vanish || event.kind == Kind(5);
+    let lock = if writes_others {
+        LOCK_EXCLUSIVE
+    } else {
+        LOCK_SHARED
+    };
+    tx.execute(
+        &tx.prepare_cached(lock).await?,
+        &[&author_lock(&event.pubkey)],
+    )
+    .await?;
+
+    let refused = tx
+        .query_one(
+            &tx.prepare_cached(REFUSED).await?,
+            &[&id, &pubkey, &event.created_at, &kind, &d_tag],
+        )
+        .await?;
+    if refused.get::<_, bool>(1) {
+        return Ok(Outcome::Vanished);
+    }
+    if pending.vanish {
+        vanish(tx, pending).await?;
+        return Ok(Outcome::VanishedNow);
+    }
+    // A deletion request cannot itself be deleted (NIP-09).
+    if event.kind != Kind(5) && (refused.get::<_, bool>(0) || refused.get::<_, bool>(2)) {
+        return Ok(Outcome::Deleted);
+    }
+
+    let content = event.content.replace('\0', "");
+    let expires_at = event.expiration();
+    let (seq, replaced) = match d_tag {
+        None => {
+            let stmt = tx.prepare_cached(INSERT_REGULAR).await?;
+            let row = tx
+                .query_opt(
+                    &stmt,
+                    &[
+                        &id,
+                        &pubkey,
+                        &kind,
+                        &event.created_at,
+                        &expires_at,
+                        &content,
+                        &pending.json,
+                    ],
+                )
+                .await?;
+            (row.map(|r| r.get::<_, i64>(0)), false)
+        }
+        Some(d_tag) => {
+            let stmt = tx.prepare_cached(UPSERT_REPLACEABLE).await?;
+            let row = tx
+                .query_opt(
+                    &stmt,
+                    &[
+                        &id,
+                        &pubkey,
+                        &kind,
+                        &event.created_at,
+                        &expires_at,
+                        &content,
+                        &pending.json,
+                        &d_tag,
+                    ],
+                )
+                .await?;
+            match row {
+                Some(r) => (Some(r.get::<_, i64>(0)), !r.get::<_, bool>(1)),
+                None => (None, false),
+            }
+        }
+    };
+    let Some(seq) = seq else {
+        let exists = tx
+            .query_opt(&tx.prepare_cached(ID_EXISTS).await?, &[&id])
+            .await?
+            .is_some();
+        return Ok(if exists {
+            Outcome::Duplicate
+        } else {
+            Outcome::Superseded
+        });
+    };
+    if replaced {
+        tx.execute(&tx.prepare_cached(DELETE_TAGS).await?, &[&seq])
+            .await?;
+    }
+    let (names, values): (Vec<String>, Vec<&str>) = event
+        .indexed_tags()
+        .filter(|(_, v)| v.len() <= MAX_INDEXED_TAG_VALUE && !v.contains('\0'))
+        .map(|(n, v)| (n.to_string(), v))
+        .unzip();
+    if !names.is_empty() {
+        tx.execute(
+            &tx.prepare_cached(INSERT_TAGS).await?,
+            &[&seq, &names, &values, &kind, &event.created_at],
+        )
+        .await?;
+    }
+    if event.kind == Kind(5) {
+        apply_deletion(tx, event).await?;
+    }
+    Ok(Outcome::Stored)
+}
+
+/// NIP-09: deletes the author's own events named by `e` tags, and every version up to the
+/// request's `created_at` of the author's addresses named by `a` tags; remembers both so
+/// they cannot come back.
+async fn apply_deletion(tx: &Transaction<'_>, request: &Event) -> Result<(), StoreError> {
+    let author = request.pubkey.as_bytes().as_slice();
+    let ids: Vec<Vec<u8>> = request
+        .tag_values("e")
+        .filter_map(|v| EventId::from_hex(v).ok())
+        .map(|id| id.as_bytes().to_vec())
+        .collect();
+    if !ids.is_empty() {
+        tx.execute(&tx.prepare_cached(DELETE_BY_IDS).await?, &[&ids, &author])
+            .await?;
+        tx.execute(&tx.prepare_cached(TOMBSTONE_IDS).await?, &[&ids, &author])
+            .await?;
+    }
+    for address in request.tag_values("a") {
+        let Some((kind, pubkey, d_tag)) = parse_address(address) else {
+            continue;
+        };
+        if pubkey != request.pubkey {
+            continue;
+        }
+        let kind = i32::from(kind.0);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&author, &kind, &d_tag, &request.created_at];
+        tx.execute(&tx.prepare_cached(DELETE_ADDRESS).await?, &params)
+            .await?;
+        tx.execute(&tx.prepare_cached(TOMBSTONE_ADDRESS).await?, &params)
+            .await?;
+    }
+    Ok(())
+}
+
+/// `<kind>:<pubkey>:<d>` of a replaceable or addressable event (`d` is empty for
+/// replaceable kinds).
+fn parse_address(address: &str) -> Option<(Kind, PubKey, &str)> {
+    let mut parts = address.splitn(3, ':');
+    let kind = Kind(parts.next()?.parse().ok()?);
+    let pubkey = PubKey::from_hex(parts.next()?).ok()?;
+    let d_tag = parts.next().unwrap_or("");
+    match kind.class() {
+        KindClass::Addressable => Some((kind, pubkey, d_tag)),
+        KindClass::Replaceable => Some((kind, pubkey, "")),
+        KindClass::Regular | KindClass::Ephemeral => None,
+    }
+}
+
+/// NIP-62: deletes every event of the author up to the request's `created_at` (deletion
+/// requests included), the gift wraps addressed to them, and records the request so older
+/// events cannot be published again.
+async fn vanish(tx: &Transaction<'_>, pending: &Pending<'_>) -> Result<(), StoreError> {
+    let event = pending.event;
+    let pubkey = event.pubkey.as_bytes().as_slice();
+    let hex = event.pubkey.to_hex();
+    let until = event.created_at;
+    tx.execute(&tx.prepare_cached(VANISH_EVENTS).await?, &[&pubkey, &until])
+        .await?;
+    tx.execute(
+        &tx.prepare_cached(VANISH_GIFT_WRAPS).await?,
+        &[&until, &hex],
+    )
+    .await?;
+    tx.execute(
+        &tx.prepare_cached(RECORD_VANISH).await?,
+        &[&pubkey, &until, &pending.json],
+    )
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_for_replaceable_and_addressable_kinds_only() {
+        let pk = "a".repeat(64);
+        let address = format!("30023:{pk}:my:slug");
+        let (kind, pubkey, d) = parse_address(&address).expect("addressable");
+        assert_eq!(
+            (kind, pubkey.to_hex(), d),
+            (Kind(30023), pk.clone(), "my:slug")
+        );
+        assert_eq!(parse_address(&format!("0:{pk}:")).map(|a| a.2), Some(""));
+        assert!(parse_address(&format!("1:{pk}:")).is_none());
+        assert!(parse_address("30023:nothex:x").is_none());
+        assert!(parse_address("x:y:z").is_none());
+    }
 }

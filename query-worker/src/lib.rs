@@ -2,8 +2,9 @@
 //!
 //! For each `REQ` ([`shared::bus::QueryRequest`]): every filter becomes one indexed SQL
 //! query ([`sql`]), the results are merged (ORed, duplicates removed), ordered newest first
-//! with ties by lowest id, and streamed back to the gateway in chunks, the last one marked
-//! end-of-stored-events.
+//! with ties by lowest id (by relevance for NIP-50 searches), and streamed back to the
+//! gateway in chunks, the last one marked end-of-stored-events. A `COUNT` (NIP-45) becomes
+//! one `count(*)` over the ORed filters.
 
 mod query;
 mod sql;
@@ -11,7 +12,7 @@ mod sql;
 use std::future::Future;
 
 use shared::bus::Role;
-use shared::config::{BusConfig, DatabaseConfig, LogConfig};
+use shared::config::{BusConfig, DatabaseConfig, LogConfig, QueryLimits};
 use shared::worker::{self, WorkerConfig, WorkerError};
 
 /// Everything the query worker can be told, from flags or `RELAY_*` variables.
@@ -34,15 +35,11 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-/// Query limits.
+/// How answers are sized.
 #[derive(clap::Args, Debug, Clone)]
 pub struct QueryConfig {
-    /// Events returned for a filter without `limit`.
-    #[arg(long, env = "RELAY_DEFAULT_LIMIT", default_value_t = 500)]
-    pub default_limit: u64,
-    /// The most events returned for one filter, whatever its `limit` says.
-    #[arg(long, env = "RELAY_MAX_LIMIT", default_value_t = 5000)]
-    pub max_limit: u64,
+    #[command(flatten)]
+    pub limits: QueryLimits,
     /// Events per reply message to the gateway; bounds the size of one pub/sub message.
     #[arg(long, env = "RELAY_REPLY_CHUNK", default_value_t = 200)]
     pub reply_chunk: usize,

@@ -1,17 +1,18 @@
-//! The query batch handler: run each `REQ`'s filters, merge, stream back, end with EOSE.
+//! The query batch handler: run each `REQ`'s filters, merge, stream back, end with EOSE; or
+//! count for `COUNT`.
 
 use std::collections::HashSet;
 
 use deadpool_postgres::Pool;
 use futures_util::future::join_all;
-use shared::bus::{self, Entry, GatewayReply, QueryRequest, StoredEvent, TraceContext};
+use shared::bus::{self, Entry, GatewayReply, QueryKind, QueryRequest, StoredEvent, TraceContext};
 use shared::event::EventId;
 use shared::message::raw_json;
 use shared::store::StoreError;
 use shared::worker::{Context, Handler};
 
 use crate::QueryConfig;
-use crate::sql::filter_query;
+use crate::sql::{count_query, events_query};
 
 /// The query worker's [`Handler`].
 pub struct Query {
@@ -51,15 +52,28 @@ impl Query {
     async fn answer(&self, ctx: &Context, req: QueryRequest) {
         let channel = ctx.bus.gateway_channel(&req.gateway);
         let mut redis = ctx.redis.clone();
-        let messages: Vec<String> = match self.run_filters(&ctx.db, &req).await {
-            Ok(rows) => self.chunks(&req, rows),
-            Err(e) => {
-                tracing::error!(error = %e, sub = %req.sub_id, "query failed");
-                vec![bus::encode(&GatewayReply::Closed {
+        let messages: Vec<String> = match req.kind {
+            QueryKind::Events => match self.run_filters(&ctx.db, &req).await {
+                Ok(rows) => self.chunks(&req, rows),
+                Err(e) => {
+                    tracing::error!(error = %e, sub = %req.sub_id, "query failed");
+                    vec![bus::encode(&GatewayReply::Closed {
+                        conn: req.conn,
+                        req: req.req,
+                        sub_id: req.sub_id.clone(),
+                        message: "error: could not query the database".into(),
+                    })]
+                }
+            },
+            QueryKind::Count => {
+                let result = self.count(&ctx.db, &req).await.map_err(|e| {
+                    tracing::error!(error = %e, query = %req.sub_id, "count failed");
+                    "error: could not count in the database".to_owned()
+                });
+                vec![bus::encode(&GatewayReply::Count {
                     conn: req.conn,
-                    req: req.req,
-                    sub_id: req.sub_id.clone(),
-                    message: "error: could not query the database".into(),
+                    query_id: req.sub_id.clone(),
+                    result,
                 })]
             }
         };
@@ -73,20 +87,19 @@ impl Query {
         }
     }
 
-    /// Runs each filter and merges: duplicates dropped, newest first, ties by lowest id.
+    /// Runs each filter and merges: duplicates dropped, newest first with ties by lowest id
+    /// (for a search, the order of relevance is kept).
     async fn run_filters(&self, db: &Pool, req: &QueryRequest) -> Result<Vec<Row>, StoreError> {
         let client = db.get().await?;
+        let now = shared::unix_now();
         let mut seen = HashSet::new();
         let mut rows = Vec::new();
         for filter in req.filters.iter().filter(|f| !f.is_empty_set()) {
-            let limit = filter
-                .limit
-                .unwrap_or(self.config.default_limit)
-                .min(self.config.max_limit);
+            let limit = self.config.limits.clamp(filter.limit);
             if limit == 0 {
                 continue;
             }
-            let q = filter_query(filter, limit as i64);
+            let q = events_query(filter, &req.viewer, now, limit as i64);
             let stmt = client.prepare_cached(&q.sql).await?;
             for row in client.query(&stmt, &q.param_refs()).await? {
                 let id_bytes: &[u8] = row.get(0);
@@ -102,8 +115,23 @@ impl Query {
                 }
             }
         }
-        rows.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
+        if req.filters.iter().all(|f| f.search.is_none()) {
+            rows.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
+        }
         Ok(rows)
+    }
+
+    /// Counts the events matching any filter.
+    async fn count(&self, db: &Pool, req: &QueryRequest) -> Result<u64, StoreError> {
+        let filters: Vec<_> = req.filters.iter().filter(|f| !f.is_empty_set()).collect();
+        if filters.is_empty() {
+            return Ok(0);
+        }
+        let client = db.get().await?;
+        let q = count_query(&filters, &req.viewer, shared::unix_now());
+        let stmt = client.prepare_cached(&q.sql).await?;
+        let n: i64 = client.query_one(&stmt, &q.param_refs()).await?.get(0);
+        Ok(n.max(0) as u64)
     }
 
     /// Splits the rows into reply messages; the last (possibly empty) one carries EOSE.

@@ -1,17 +1,23 @@
 //! Filters to SQL: each condition becomes an indexed predicate, values are bind parameters.
+//!
+//! Every query also hides what no client may see: expired events (NIP-40), and events of
+//! read-restricted kinds unless the viewer is their author or a `p`-tagged recipient.
 
-use shared::filter::Filter;
+use shared::bus::Viewer;
+use shared::filter::{Filter, search_terms};
+use shared::store::SEARCH_CONFIG;
 use tokio_postgres::types::ToSql;
 
-/// A parameterized query for one filter.
-pub struct FilterQuery {
-    /// `SELECT id, created_at, json FROM events WHERE … ORDER BY … LIMIT …`.
+/// A parameterized query.
+#[derive(Default)]
+pub struct Query {
+    /// The SQL text.
     pub sql: String,
     /// Its bind parameters, in order.
     pub params: Vec<Box<dyn ToSql + Sync + Send>>,
 }
 
-impl FilterQuery {
+impl Query {
     /// Parameters as the driver wants them.
     pub fn param_refs(&self) -> Vec<&(dyn ToSql + Sync)> {
         self.params
@@ -19,53 +25,125 @@ impl FilterQuery {
             .map(|p| p.as_ref() as &(dyn ToSql + Sync))
             .collect()
     }
+
+    /// Adds a parameter and returns its placeholder (`$n`).
+    fn bind(&mut self, p: impl ToSql + Sync + Send + 'static) -> String {
+        self.params.push(Box::new(p));
+        format!("${}", self.params.len())
+    }
 }
 
-/// Builds the query for `filter`, returning at most `limit` rows newest first (ties: lowest
-/// id first).
-pub fn filter_query(filter: &Filter, limit: i64) -> FilterQuery {
-    let mut q = FilterQuery {
-        sql: String::new(),
-        params: Vec::new(),
-    };
+/// The full-text query of a filter, without unsupported `key:value` extensions.
+fn search_text(filter: &Filter) -> Option<String> {
+    let terms = search_terms(filter.search.as_deref()?);
+    (!terms.is_empty()).then(|| terms.join(" "))
+}
+
+/// The conditions of one filter, ANDed.
+fn filter_predicate(q: &mut Query, filter: &Filter) -> String {
     let mut conds: Vec<String> = Vec::new();
-    let bind = |q: &mut FilterQuery, p: Box<dyn ToSql + Sync + Send>| {
-        q.params.push(p);
-        format!("${}", q.params.len())
-    };
     if let Some(ids) = &filter.ids {
         let v: Vec<Vec<u8>> = ids.iter().map(|i| i.as_bytes().to_vec()).collect();
-        conds.push(format!("id = ANY({})", bind(&mut q, Box::new(v))));
+        conds.push(format!("id = ANY({})", q.bind(v)));
     }
     if let Some(authors) = &filter.authors {
         let v: Vec<Vec<u8>> = authors.iter().map(|a| a.as_bytes().to_vec()).collect();
-        conds.push(format!("pubkey = ANY({})", bind(&mut q, Box::new(v))));
+        conds.push(format!("pubkey = ANY({})", q.bind(v)));
     }
     if let Some(kinds) = &filter.kinds {
         let v: Vec<i32> = kinds.iter().map(|k| i32::from(k.0)).collect();
-        conds.push(format!("kind = ANY({})", bind(&mut q, Box::new(v))));
+        conds.push(format!("kind = ANY({})", q.bind(v)));
     }
     if let Some(since) = filter.since {
-        conds.push(format!("created_at >= {}", bind(&mut q, Box::new(since))));
+        conds.push(format!("created_at >= {}", q.bind(since)));
     }
     if let Some(until) = filter.until {
-        conds.push(format!("created_at <= {}", bind(&mut q, Box::new(until))));
+        conds.push(format!("created_at <= {}", q.bind(until)));
     }
     for (letter, values) in &filter.tags {
-        let name = bind(&mut q, Box::new(letter.to_string()));
-        let vals = bind(&mut q, Box::new(values.clone()));
+        let name = q.bind(letter.to_string());
+        let vals = q.bind(values.clone());
         conds.push(format!(
             "seq IN (SELECT t.event_seq FROM tags t WHERE t.name = {name} AND t.value = ANY({vals}))"
         ));
     }
-    let limit = bind(&mut q, Box::new(limit));
-    let where_clause = if conds.is_empty() {
-        String::new()
+    if let Some(text) = search_text(filter) {
+        conds.push(format!(
+            "search @@ websearch_to_tsquery('{SEARCH_CONFIG}', {})",
+            q.bind(text)
+        ));
+    }
+    if conds.is_empty() {
+        "TRUE".to_owned()
     } else {
-        format!("WHERE {}", conds.join(" AND "))
+        conds.join(" AND ")
+    }
+}
+
+/// What every query hides: expired events, and restricted kinds the viewer may not read.
+fn visibility(q: &mut Query, viewer: &Viewer, now: i64) -> String {
+    let mut conds = vec![format!(
+        "(expires_at IS NULL OR expires_at > {})",
+        q.bind(now)
+    )];
+    if !viewer.restricted_kinds.is_empty() {
+        let kinds: Vec<i32> = viewer
+            .restricted_kinds
+            .iter()
+            .map(|k| i32::from(k.0))
+            .collect();
+        let kinds = q.bind(kinds);
+        if viewer.authed.is_empty() {
+            conds.push(format!("kind <> ALL({kinds})"));
+        } else {
+            let keys: Vec<Vec<u8>> = viewer
+                .authed
+                .iter()
+                .map(|p| p.as_bytes().to_vec())
+                .collect();
+            let hexes: Vec<String> = viewer.authed.iter().map(|p| p.to_hex()).collect();
+            let keys = q.bind(keys);
+            let hexes = q.bind(hexes);
+            conds.push(format!(
+                "(kind <> ALL({kinds}) OR pubkey = ANY({keys}) OR \
+                 seq IN (SELECT t.event_seq FROM tags t WHERE t.name = 'p' AND t.value = ANY({hexes})))"
+            ));
+        }
+    }
+    conds.join(" AND ")
+}
+
+/// The events of one filter, at most `limit`: newest first (ties: lowest id first), or by
+/// relevance when the filter has a `search`.
+pub fn events_query(filter: &Filter, viewer: &Viewer, now: i64, limit: i64) -> Query {
+    let mut q = Query::default();
+    let pred = filter_predicate(&mut q, filter);
+    let vis = visibility(&mut q, viewer, now);
+    let order = match search_text(filter) {
+        Some(text) => format!(
+            "ts_rank(search, websearch_to_tsquery('{SEARCH_CONFIG}', {})) DESC, created_at DESC, id",
+            q.bind(text)
+        ),
+        None => "created_at DESC, id".to_owned(),
     };
+    let limit = q.bind(limit);
     q.sql = format!(
-        "SELECT id, created_at, json FROM events {where_clause} ORDER BY created_at DESC, id LIMIT {limit}"
+        "SELECT id, created_at, json FROM events WHERE {pred} AND {vis} ORDER BY {order} LIMIT {limit}"
+    );
+    q
+}
+
+/// The number of events matching any of `filters` (NIP-45); `limit` is not applied.
+pub fn count_query(filters: &[&Filter], viewer: &Viewer, now: i64) -> Query {
+    let mut q = Query::default();
+    let preds: Vec<String> = filters
+        .iter()
+        .map(|f| format!("({})", filter_predicate(&mut q, f)))
+        .collect();
+    let vis = visibility(&mut q, viewer, now);
+    q.sql = format!(
+        "SELECT count(*) FROM events WHERE ({}) AND {vis}",
+        preds.join(" OR ")
     );
     q
 }
@@ -73,19 +151,50 @@ pub fn filter_query(filter: &Filter, limit: i64) -> FilterQuery {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shared::event::{Kind, PubKey};
+
+    fn filter(v: serde_json::Value) -> Filter {
+        Filter::from_value(&v).expect("valid")
+    }
 
     #[test]
     fn every_condition_is_a_bind_parameter() {
-        let filter = Filter::from_value(&serde_json::json!({
+        let f = filter(serde_json::json!({
             "ids": ["a".repeat(64)], "authors": ["b".repeat(64)], "kinds": [1],
-            "#t": ["x'; drop table events; --"], "since": 1, "until": 2
-        }))
-        .expect("valid");
-        let q = filter_query(&filter, 10);
-        assert_eq!(q.params.len(), 8);
-        assert!(!q.sql.contains("drop table"));
+            "#t": ["x'; drop table events; --"], "since": 1, "until": 2, "search": "it's nostr"
+        }));
+        let q = events_query(&f, &Viewer::default(), 100, 10);
+        assert!(!q.sql.contains("drop table") && !q.sql.contains("it's"));
+        assert_eq!(q.params.len(), 11);
+        assert!(q.sql.ends_with("LIMIT $11"), "{}", q.sql);
+        assert!(q.sql.contains("ORDER BY ts_rank"), "{}", q.sql);
+    }
+
+    #[test]
+    fn restricted_kinds_depend_on_the_viewer() {
+        let f = filter(serde_json::json!({}));
+        let anonymous = Viewer {
+            authed: vec![],
+            restricted_kinds: vec![Kind(4)],
+        };
         assert!(
-            q.sql.ends_with("ORDER BY created_at DESC, id LIMIT $8"),
+            events_query(&f, &anonymous, 0, 1)
+                .sql
+                .contains("kind <> ALL($2)")
+        );
+        let authed = Viewer {
+            authed: vec![PubKey::from_bytes([1; 32])],
+            ..anonymous
+        };
+        assert!(
+            events_query(&f, &authed, 0, 1)
+                .sql
+                .contains("pubkey = ANY(")
+        );
+        let q = count_query(&[&f, &f], &Viewer::default(), 0);
+        assert!(
+            q.sql
+                .starts_with("SELECT count(*) FROM events WHERE ((TRUE) OR (TRUE))"),
             "{}",
             q.sql
         );

@@ -7,6 +7,7 @@
 //! <prefix>:gw:<gateway id>  channel  workers → one gateway      GatewayReply
 //! <prefix>:live             channel  ingest workers → gateways  LiveEvent
 //! <prefix>:workers:<role>   zset     worker heartbeats (member = consumer, score = unix ms)
+//! <prefix>:rl:<what>:<who>:<minute>  counter  gateways' rate limits (expire after 2 min)
 //! ```
 //!
 //! Stream entries carry one field, [`ENTRY_FIELD`], holding the envelope as JSON. Channel
@@ -23,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::config::BusConfig;
-use crate::event::EventId;
+use crate::event::{EventId, Kind, PubKey};
 use crate::filter::Filter;
 use crate::message::SubId;
 
@@ -114,7 +115,37 @@ pub struct IngestRequest {
     pub trace: TraceContext,
 }
 
-/// Gateway → query worker: the stored-events part of one `REQ`.
+/// What a query answers: stored events (`REQ`) or their number (`COUNT`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QueryKind {
+    /// Stream the matching events, then EOSE.
+    #[default]
+    Events,
+    /// Answer with the number of matching events.
+    Count,
+}
+
+/// Who is asking, for read-restricted kinds (NIP-42): events of a restricted kind are
+/// returned only when one of `authed` is their author or is named in a `p` tag.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Viewer {
+    /// Pubkeys the connection authenticated as.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub authed: Vec<PubKey>,
+    /// Kinds readable only by their author or `p`-tagged recipients.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restricted_kinds: Vec<Kind>,
+}
+
+impl Viewer {
+    /// Whether this viewer may see `event`.
+    pub fn may_see(&self, event: &crate::event::Event) -> bool {
+        !self.restricted_kinds.contains(&event.kind)
+            || self.authed.iter().any(|pk| event.involves(pk))
+    }
+}
+
+/// Gateway → query worker: the stored-events part of one `REQ`, or one `COUNT`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct QueryRequest {
     /// The gateway holding the subscription.
@@ -127,6 +158,12 @@ pub struct QueryRequest {
     pub sub_id: SubId,
     /// The filters, ORed. Filters with `limit: 0` are not sent.
     pub filters: Vec<Filter>,
+    /// Events or a count.
+    #[serde(default)]
+    pub kind: QueryKind,
+    /// Who is asking (read-restricted kinds).
+    #[serde(default)]
+    pub viewer: Viewer,
     /// Trace context.
     #[serde(default, skip_serializing_if = "TraceContext::is_empty")]
     pub trace: TraceContext,
@@ -174,6 +211,15 @@ pub enum GatewayReply {
         /// Trace context of the worker span.
         #[serde(default, skip_serializing_if = "TraceContext::is_empty")]
         trace: TraceContext,
+    },
+    /// The answer to a `COUNT`: the number, or `prefix: text` when it failed.
+    Count {
+        /// The connection.
+        conn: ConnId,
+        /// The `COUNT`'s id.
+        query_id: SubId,
+        /// The count, or why there is none.
+        result: Result<u64, String>,
     },
     /// The `REQ` could not be answered (`prefix: text`); the subscription is over.
     Closed {
@@ -281,6 +327,11 @@ impl Bus {
     /// The channel every gateway listens on for live events.
     pub fn live_channel(&self) -> String {
         format!("{}:live", self.prefix)
+    }
+
+    /// A rate-limit counter: `what` (e.g. events per IP) for `who` in time window `window`.
+    pub fn rate_key(&self, what: &str, who: &str, window: i64) -> String {
+        format!("{}:rl:{what}:{who}:{window}", self.prefix)
     }
 
     /// The sorted set of a role's worker heartbeats.

@@ -58,6 +58,59 @@ impl fmt::Debug for DatabaseConfig {
     }
 }
 
+/// How many stored events a filter may return. The gateway applies and advertises these
+/// (NIP-11); query workers apply them again.
+#[derive(clap::Args, Clone, Debug)]
+pub struct QueryLimits {
+    /// Events returned for a filter without `limit`.
+    #[arg(long, env = "RELAY_DEFAULT_LIMIT", default_value_t = 500)]
+    pub default_limit: u64,
+    /// The most events returned for one filter, whatever its `limit` says.
+    #[arg(long, env = "RELAY_MAX_LIMIT", default_value_t = 5000)]
+    pub max_limit: u64,
+}
+
+impl QueryLimits {
+    /// The limit to apply to a filter's requested `limit`.
+    pub fn clamp(&self, requested: Option<u64>) -> u64 {
+        requested.unwrap_or(self.default_limit).min(self.max_limit)
+    }
+}
+
+/// The relay's public address, as clients know it.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct PublicUrl {
+    /// The relay's public WebSocket URL (e.g. wss://relay.example.com). Used for NIP-42
+    /// `relay` tags, NIP-62 requests to vanish, and shown on `GET /`.
+    #[arg(long, env = "RELAY_PUBLIC_URL")]
+    pub public_url: Option<String>,
+}
+
+/// Reduces a relay URL to what identifies the relay: lowercase host and port, without the
+/// scheme, path slashes or default ports. `wss://Relay.Example.com/` and
+/// `relay.example.com:443` give the same result.
+pub fn relay_host(url: &str) -> String {
+    let url = url.trim();
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let host = rest
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or("")
+        .to_lowercase();
+    let default_port = match scheme.to_lowercase().as_str() {
+        "wss" | "https" => Some(":443"),
+        "ws" | "http" => Some(":80"),
+        _ => None,
+    };
+    match default_port {
+        Some(port) => host.strip_suffix(port).map_or(host.clone(), str::to_owned),
+        None => host
+            .strip_suffix(":443")
+            .or_else(|| host.strip_suffix(":80"))
+            .map_or(host.clone(), str::to_owned),
+    }
+}
+
 /// Log output.
 #[derive(clap::Args, Clone, Debug)]
 pub struct LogConfig {
@@ -92,6 +145,21 @@ pub fn mask_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relay_hosts_normalize() {
+        assert_eq!(relay_host("wss://Relay.Example.com/"), "relay.example.com");
+        assert_eq!(
+            relay_host("wss://relay.example.com:443"),
+            "relay.example.com"
+        );
+        assert_eq!(relay_host("ws://127.0.0.1:7777"), "127.0.0.1:7777");
+        assert_eq!(relay_host("127.0.0.1:7777/"), "127.0.0.1:7777");
+        assert_ne!(
+            relay_host("wss://relay.example.com"),
+            relay_host("wss://other.example.com")
+        );
+    }
 
     #[test]
     fn passwords_are_masked() {

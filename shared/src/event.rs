@@ -295,6 +295,46 @@ impl Event {
         }
     }
 
+    /// The values of every tag named `name` (its second element), in order.
+    pub fn tag_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.tags
+            .iter()
+            .filter(move |t| t.first().map(String::as_str) == Some(name))
+            .filter_map(|t| t.get(1).map(String::as_str))
+    }
+
+    /// NIP-13 difficulty: the number of leading zero bits of the id.
+    pub fn pow_difficulty(&self) -> u32 {
+        let mut bits = 0;
+        for byte in self.id.as_bytes() {
+            bits += byte.leading_zeros();
+            if *byte != 0 {
+                break;
+            }
+        }
+        bits
+    }
+
+    /// NIP-40 expiration: the first `expiration` tag's value, when it is an integer.
+    pub fn expiration(&self) -> Option<i64> {
+        self.tag_values("expiration").next()?.trim().parse().ok()
+    }
+
+    /// Whether the event expired at or before `now` (NIP-40).
+    pub fn is_expired(&self, now: i64) -> bool {
+        self.expiration().is_some_and(|at| at <= now)
+    }
+
+    /// NIP-70: whether the event carries the `["-"]` tag.
+    pub fn is_protected(&self) -> bool {
+        self.tags.iter().any(|t| t.len() == 1 && t[0] == "-")
+    }
+
+    /// Whether `pubkey` is the author or is named in one of the event's `p` tags.
+    pub fn involves(&self, pubkey: &PubKey) -> bool {
+        self.pubkey == *pubkey || self.tag_values("p").any(|p| p == pubkey.to_hex())
+    }
+
     /// The indexed tags: `(letter, first value)` for every tag whose name is one ASCII letter
     /// and which has a value (NIP-01: only the first value of a tag is indexed).
     pub fn indexed_tags(&self) -> impl Iterator<Item = (char, &str)> {
@@ -541,6 +581,29 @@ mod tests {
             let err = Event::from_json(&json).expect_err(&json).to_string();
             assert!(err.contains(needle), "{err} should mention {needle}");
         }
+    }
+
+    #[test]
+    fn pow_expiration_and_protection() {
+        let mut ev = Event::from_json(KNOWN_GOOD).expect("parses");
+        ev.id =
+            EventId::from_hex("000006d8c378af1779d2feebc7603a125d99eca0ccf1085959b307f64e5dd358")
+                .expect("hex");
+        assert_eq!(ev.pow_difficulty(), 21);
+        ev.id = EventId::from_hex(&format!("002f{}", "f".repeat(60))).expect("hex");
+        assert_eq!(ev.pow_difficulty(), 10);
+        ev.id = EventId::from_bytes([0; 32]);
+        assert_eq!(ev.pow_difficulty(), 256);
+        assert_eq!(ev.expiration(), None);
+        ev.tags = vec![
+            vec!["expiration".into(), "1600000000".into()],
+            vec!["-".into()],
+        ];
+        assert_eq!(ev.expiration(), Some(1_600_000_000));
+        assert!(ev.is_expired(1_600_000_000) && !ev.is_expired(1_599_999_999));
+        assert!(ev.is_protected());
+        ev.tags = vec![vec!["-".into(), "x".into()]];
+        assert!(!ev.is_protected());
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub struct Filter {
     pub until: Option<i64>,
     /// How many stored events the initial query should return at most.
     pub limit: Option<u64>,
+    /// NIP-50 full-text search over `content`.
+    pub search: Option<String>,
 }
 
 impl Filter {
@@ -77,6 +79,14 @@ impl Filter {
                 "kinds" => filter.kinds = Some(kind_list(key, value)?),
                 "since" => filter.since = Some(timestamp(key, value)?),
                 "until" => filter.until = Some(timestamp(key, value)?),
+                "search" => {
+                    filter.search = Some(
+                        value
+                            .as_str()
+                            .ok_or_else(|| bad(key, "must be a string"))?
+                            .to_owned(),
+                    )
+                }
                 "limit" => {
                     filter.limit = Some(
                         value
@@ -127,6 +137,11 @@ impl Filter {
         if self.until.is_some_and(|until| event.created_at > until) {
             return false;
         }
+        if let Some(search) = &self.search
+            && !search_matches(search, &event.content)
+        {
+            return false;
+        }
         self.tags.iter().all(|(letter, wanted)| {
             event
                 .indexed_tags()
@@ -143,6 +158,25 @@ impl Filter {
             || self.tags.values().any(Vec::is_empty)
             || matches!((self.since, self.until), (Some(s), Some(u)) if s > u)
     }
+}
+
+/// The words of a NIP-50 query, lowercased, without `key:value` extensions (which this relay
+/// does not support and ignores).
+pub fn search_terms(query: &str) -> Vec<String> {
+    query
+        .split_whitespace()
+        .filter(|w| !w.contains(':'))
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// In-memory NIP-50 matching for live events: every term occurs in the content, ignoring
+/// case. (Stored events are ranked by Postgres full-text search instead.)
+fn search_matches(query: &str, content: &str) -> bool {
+    let content = content.to_lowercase();
+    search_terms(query)
+        .iter()
+        .all(|t| content.contains(t.as_str()))
 }
 
 fn bad(key: &str, reason: &'static str) -> FilterError {
@@ -234,6 +268,9 @@ impl Serialize for Filter {
         if let Some(limit) = self.limit {
             map.serialize_entry("limit", &limit)?;
         }
+        if let Some(search) = &self.search {
+            map.serialize_entry("search", search)?;
+        }
         map.end()
     }
 }
@@ -259,7 +296,7 @@ mod tests {
     fn parses_every_field_and_round_trips() {
         let hex = "a".repeat(64);
         let v = json!({"ids":[hex],"authors":[hex],"kinds":[1,30023],"#e":[hex],"#t":["nostr"],
-                       "#T":["x"],"since":10,"until":20,"limit":5});
+                       "#T":["x"],"since":10,"until":20,"limit":5,"search":"best nostr"});
         let f = parse(v.clone()).expect("valid");
         assert_eq!(f.kinds, Some(vec![Kind(1), Kind(30023)]));
         assert_eq!(f.tags.len(), 3);
@@ -280,6 +317,7 @@ mod tests {
             (json!({"since":"yesterday"}), "invalid"),
             (json!({"#emoji":["x"]}), "unsupported"),
             (json!({"foo":1}), "unsupported"),
+            (json!({"search":5}), "invalid"),
         ];
         for (v, prefix) in cases {
             let err = parse(v.clone()).expect_err(&v.to_string());
@@ -325,6 +363,9 @@ mod tests {
                 true,
             ),
             (json!({"#t":["nostr"],"kinds":[2]}), false),
+            (json!({"search":"HI"}), true),
+            (json!({"search":"hi there"}), false),
+            (json!({"search":"hi lang:en"}), true),
         ];
         for (v, expected) in cases {
             assert_eq!(

@@ -52,7 +52,7 @@ impl fmt::Debug for SubId {
     }
 }
 
-/// A message from a client.
+/// A message from a client: the verbs of NIP-01, NIP-42 and NIP-45.
 #[derive(Debug, Clone)]
 pub enum ClientMessage {
     /// `["EVENT", <event>]`: publish.
@@ -66,6 +66,15 @@ pub enum ClientMessage {
     },
     /// `["CLOSE", <sub_id>]`: stop a subscription.
     Close(SubId),
+    /// `["AUTH", <signed kind-22242 event>]`: NIP-42 authentication.
+    Auth(Box<Event>),
+    /// `["COUNT", <query_id>, <filter>...]`: NIP-45 count of matching events.
+    Count {
+        /// The query id (same rules as a subscription id).
+        query_id: SubId,
+        /// One or more filters, ORed.
+        filters: Vec<Filter>,
+    },
 }
 
 /// Why a client message was refused. [`MessageError::prefix`] gives the NIP-01 prefix; the
@@ -141,10 +150,10 @@ impl ClientMessage {
             _ => return Err(MessageError::NotCommand),
         };
         match verb.as_str() {
-            "EVENT" => {
+            "EVENT" | "AUTH" => {
                 if items.len() != 2 {
                     return Err(MessageError::BadArity {
-                        verb: "EVENT",
+                        verb: if verb == "EVENT" { "EVENT" } else { "AUTH" },
                         expected: "one event object",
                     });
                 }
@@ -153,16 +162,21 @@ impl ClientMessage {
                     .get("id")
                     .and_then(Value::as_str)
                     .and_then(|s| EventId::from_hex(s).ok());
-                Event::from_value(raw)
-                    .map(|e| ClientMessage::Event(Box::new(e)))
-                    .map_err(|error| MessageError::BadEvent { id, error })
+                let event = Event::from_value(raw)
+                    .map(Box::new)
+                    .map_err(|error| MessageError::BadEvent { id, error })?;
+                Ok(if verb == "EVENT" {
+                    ClientMessage::Event(event)
+                } else {
+                    ClientMessage::Auth(event)
+                })
             }
-            "REQ" => {
+            "REQ" | "COUNT" => {
                 let sub_id = sub_id_at(&items)?;
                 if items.len() < 3 {
                     return Err(MessageError::BadArity {
-                        verb: "REQ",
-                        expected: "a subscription id and at least one filter",
+                        verb: if verb == "REQ" { "REQ" } else { "COUNT" },
+                        expected: "an id and at least one filter",
                     });
                 }
                 let filters = items[2..]
@@ -173,7 +187,14 @@ impl ClientMessage {
                         sub_id: sub_id.clone(),
                         error,
                     })?;
-                Ok(ClientMessage::Req { sub_id, filters })
+                Ok(if verb == "REQ" {
+                    ClientMessage::Req { sub_id, filters }
+                } else {
+                    ClientMessage::Count {
+                        query_id: sub_id,
+                        filters,
+                    }
+                })
             }
             "CLOSE" => {
                 let sub_id = sub_id_at(&items)?;
@@ -233,6 +254,15 @@ pub enum RelayMessage {
     },
     /// `["NOTICE", <message>]`.
     Notice(String),
+    /// `["AUTH", <challenge>]`.
+    Auth(String),
+    /// `["COUNT", <query_id>, {"count": <n>}]`.
+    Count {
+        /// The query id.
+        query_id: String,
+        /// The count.
+        count: u64,
+    },
 }
 
 impl RelayMessage {
@@ -256,6 +286,11 @@ impl RelayMessage {
                 message: s(2)?,
             }),
             "NOTICE" => Some(RelayMessage::Notice(s(1)?)),
+            "AUTH" => Some(RelayMessage::Auth(s(1)?)),
+            "COUNT" => Some(RelayMessage::Count {
+                query_id: s(1)?,
+                count: items.get(2)?.get("count")?.as_u64()?,
+            }),
             _ => None,
         }
     }
@@ -305,6 +340,19 @@ pub fn closed_frame(sub_id: &SubId, message: &str) -> String {
 /// `["NOTICE",<message>]`.
 pub fn notice_frame(message: &str) -> String {
     format!("[\"NOTICE\",{}]", json_string(message))
+}
+
+/// `["AUTH",<challenge>]`.
+pub fn auth_frame(challenge: &str) -> String {
+    format!("[\"AUTH\",{}]", json_string(challenge))
+}
+
+/// `["COUNT",<query_id>,{"count":<n>}]`.
+pub fn count_frame(query_id: &SubId, count: u64) -> String {
+    format!(
+        "[\"COUNT\",{},{{\"count\":{count}}}]",
+        json_string(query_id.as_str())
+    )
 }
 
 /// Checks that a stored event's JSON is a JSON value, for wrapping in bus envelopes.

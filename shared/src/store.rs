@@ -4,8 +4,11 @@
 //! events  seq (identity)  id bytea unique  pubkey bytea  kind int  created_at bigint
 //!         d_tag text (NULL for kinds that are not replaced; '' for replaceable kinds;
 //!                     the d tag value for addressable kinds)
+//!         expires_at bigint (NIP-40)  search tsvector (NIP-50, of content)
 //!         json text (the event exactly as served)
 //! tags    event_seq → events.seq (cascade)  name text  value text  kind  created_at
+//! deleted_events (id, pubkey)   deleted_addresses (pubkey, kind, d_tag, until)
+//! vanished (pubkey, until, request)
 //! ```
 //!
 //! **Invariant:** at most one row per (pubkey, kind, d_tag) for replaceable and addressable
@@ -50,6 +53,8 @@ const MIGRATIONS: &[(i32, &str)] = &[(
         kind       integer NOT NULL,
         created_at bigint NOT NULL,
         d_tag      text,
+        expires_at bigint,
+        search     tsvector,
         json       text   NOT NULL
     );
     CREATE UNIQUE INDEX events_id ON events (id);
@@ -58,6 +63,8 @@ const MIGRATIONS: &[(i32, &str)] = &[(
     CREATE INDEX events_author ON events (pubkey, created_at DESC, id);
     CREATE INDEX events_author_kind ON events (pubkey, kind, created_at DESC, id);
     CREATE INDEX events_kind ON events (kind, created_at DESC, id);
+    CREATE INDEX events_expires ON events (expires_at) WHERE expires_at IS NOT NULL;
+    CREATE INDEX events_search ON events USING gin (search) WHERE search IS NOT NULL;
 
     CREATE TABLE tags (
         event_seq  bigint  NOT NULL REFERENCES events (seq) ON DELETE CASCADE,
@@ -68,8 +75,32 @@ const MIGRATIONS: &[(i32, &str)] = &[(
     );
     CREATE INDEX tags_value ON tags (name, value, created_at DESC);
     CREATE INDEX tags_event ON tags (event_seq);
+
+    -- NIP-09: ids deleted by their author (refused if published again).
+    CREATE TABLE deleted_events (
+        id     bytea PRIMARY KEY,
+        pubkey bytea NOT NULL
+    );
+    -- NIP-09: addresses deleted by their author, up to a created_at.
+    CREATE TABLE deleted_addresses (
+        pubkey bytea   NOT NULL,
+        kind   integer NOT NULL,
+        d_tag  text    NOT NULL,
+        until  bigint  NOT NULL,
+        PRIMARY KEY (pubkey, kind, d_tag)
+    );
+    -- NIP-62: pubkeys that asked to vanish, up to a created_at, with the signed request.
+    CREATE TABLE vanished (
+        pubkey  bytea  PRIMARY KEY,
+        until   bigint NOT NULL,
+        request text   NOT NULL
+    );
     "#,
 )];
+
+/// The text search configuration used for NIP-50 (no stemming, no stop words: works the
+/// same for every language).
+pub const SEARCH_CONFIG: &str = "simple";
 
 /// A key for `pg_advisory_xact_lock` that serializes migrations across workers.
 const MIGRATION_LOCK: i64 = 0x6e6f_7374_7201;

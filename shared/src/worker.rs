@@ -64,6 +64,10 @@ pub struct Context {
 /// The worker-specific part: handle one batch of entries. Every entry must be answered
 /// (a reply to its gateway) before this returns; the loop then acknowledges the batch.
 pub trait Handler {
+    /// Called once when the worker is ready, before the first batch; may spawn background
+    /// tasks (they end with the process).
+    fn start(&mut self, _ctx: &Context) {}
+
     /// Handles a batch.
     fn handle(&mut self, ctx: &Context, entries: &[Entry]) -> impl Future<Output = ()>;
 }
@@ -110,6 +114,7 @@ pub async fn run<H: Handler>(
         Duration::from_millis(config.heartbeat_ms.max(100)),
         stop_rx.clone(),
     ));
+    handler.start(&ctx);
     tracing::info!(
         role = role.name(),
         consumer = consumer.name(),

@@ -2,6 +2,7 @@
 //! Run with `make test` (it starts the services and sets `RELAY_TEST_*`).
 
 mod nip01;
+mod policy;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

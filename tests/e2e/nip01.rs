@@ -553,7 +553,11 @@ async fn nip11_health_and_readiness() {
         "{headers}"
     );
     let doc: Value = serde_json::from_str(&body).expect("NIP-11 JSON");
-    assert_eq!(doc["supported_nips"], json!([1, 11]));
+    assert!(
+        doc["supported_nips"]
+            .as_array()
+            .is_some_and(|n| n.contains(&json!(1)) && n.contains(&json!(11)))
+    );
     assert_eq!(doc["limitation"]["max_subid_length"], json!(64));
     assert_eq!(http_get(gw.addr, "/healthz", None).await.0, 200);
     // Workers beat every 300 ms in tests; readiness follows within a few beats.

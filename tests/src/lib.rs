@@ -178,6 +178,10 @@ impl Cluster {
             .env("RELAY_DATABASE_URL", &self.db_url)
             .env("RELAY_HEARTBEAT_MS", "300")
             .env("RELAY_BLOCK_MS", "500")
+            // Tests publish fast from one address; the rate-limit tests set their own limits.
+            .env("RELAY_RATE_EVENTS_PER_IP", "0")
+            .env("RELAY_RATE_EVENTS_PER_PUBKEY", "0")
+            .env("RELAY_RATE_REQS_PER_IP", "0")
             .env(
                 "RUST_LOG",
                 std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -280,6 +284,10 @@ async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<String> 
 /// A WebSocket client speaking NIP-01.
 pub struct Client {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// The NIP-42 challenge the relay sent on connect.
+    pub challenge: String,
+    /// The URL connected to.
+    pub url: String,
 }
 
 /// What publishing an event got back.
@@ -292,10 +300,65 @@ pub struct Ack {
 }
 
 impl Client {
-    /// Connects to a relay URL.
+    /// Connects to a relay URL and reads the relay's NIP-42 challenge.
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
         let (ws, _) = tokio::time::timeout(WAIT, connect_async(url)).await??;
-        Ok(Client { ws })
+        let mut client = Client {
+            ws,
+            challenge: String::new(),
+            url: url.to_owned(),
+        };
+        match RelayMessage::parse(&client.recv_text().await) {
+            Some(RelayMessage::Auth(challenge)) => client.challenge = challenge,
+            other => bail!("expected an AUTH challenge first, got {other:?}"),
+        }
+        Ok(client)
+    }
+
+    /// Authenticates as `keys` (NIP-42) and returns the relay's answer.
+    pub async fn auth(&mut self, keys: &shared::event::signing::Keys) -> Ack {
+        let tags = vec![
+            vec!["relay".to_owned(), self.url.clone()],
+            vec!["challenge".to_owned(), self.challenge.clone()],
+        ];
+        let event = keys.sign(shared::unix_now(), shared::event::Kind(22242), tags, "");
+        self.send_text(format!("[\"AUTH\",{}]", event.to_json()))
+            .await;
+        self.ok_for(&event.id.to_hex()).await
+    }
+
+    /// Sends `COUNT` and returns the count, or the `CLOSED` message as an error.
+    pub async fn count(
+        &mut self,
+        query_id: &str,
+        filters: &[serde_json::Value],
+    ) -> Result<u64, String> {
+        let mut msg = vec![serde_json::json!("COUNT"), serde_json::json!(query_id)];
+        msg.extend(filters.iter().cloned());
+        self.send_json(serde_json::Value::Array(msg)).await;
+        loop {
+            match self.recv().await {
+                RelayMessage::Count { query_id: q, count } if q == query_id => return Ok(count),
+                RelayMessage::Closed { sub_id, message } if sub_id == query_id => {
+                    return Err(message);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends `REQ` and returns the `CLOSED` message it must get.
+    pub async fn req_closed(&mut self, sub_id: &str, filters: &[serde_json::Value]) -> String {
+        self.send_req(sub_id, filters).await;
+        loop {
+            match self.recv().await {
+                RelayMessage::Closed { sub_id: s, message } if s == sub_id => return message,
+                RelayMessage::Eose(s) if s == sub_id => {
+                    panic!("{sub_id} got EOSE; expected CLOSED")
+                }
+                _ => {}
+            }
+        }
     }
 
     /// Sends a text frame.

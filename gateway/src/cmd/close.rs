@@ -16,7 +16,7 @@ impl Unsubscribe {
     }
 
     /// Removes the subscription; unknown ids are ignored.
-    pub fn handle(self, session: &Session) {
+    pub fn handle(self, session: &mut Session) {
         session
             .state
             .registry

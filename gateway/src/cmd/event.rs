@@ -4,6 +4,8 @@ use shared::bus::{self, IngestRequest, TraceContext};
 use shared::event::Event;
 use shared::message::{ok_frame, raw_json};
 
+use crate::policy;
+use crate::ratelimit::{self, Limit};
 use crate::session::Session;
 
 /// A client publishing an event (shape already checked; id and signature are checked by
@@ -18,10 +20,23 @@ impl Publish {
         Publish { event }
     }
 
-    /// Appends the event to its ingest stream shard.
-    pub async fn handle(self, session: &Session) {
+    /// Checks policy and rate limits, then appends the event to its ingest stream shard.
+    pub async fn handle(self, session: &mut Session) {
         let state = &session.state;
         let id = self.event.id;
+        if let Err(reason) = policy::check_event(session, &self.event) {
+            session.send(ok_frame(&id, false, &reason));
+            return;
+        }
+        let rate = &state.config.rate;
+        let limits = vec![
+            Limit::events_from_ip(session.ip, rate.events_per_ip),
+            Limit::events_from_pubkey(&self.event.pubkey, rate.events_per_pubkey),
+        ];
+        if let Some(limit) = ratelimit::exceeded(state, limits).await {
+            session.send(ok_frame(&id, false, &limit.to_string()));
+            return;
+        }
         let Ok(json) = raw_json(self.event.to_json()) else {
             session.send(ok_frame(&id, false, "error: could not encode the event"));
             return;

@@ -1,11 +1,13 @@
-//! Client verbs. Each is a small type built from a parsed [`ClientMessage`] with a `handle`
+//! Client verbs (NIP-01 `EVENT`, `REQ`, `CLOSE`; NIP-42 `AUTH`; NIP-45 `COUNT`). Each is a small type built from a parsed [`ClientMessage`] with a `handle`
 //! that does its work through the [`Session`]. Anything unparseable is answered by
 //! [`reject`]: `OK false` when the event id is known, `CLOSED` when the subscription id is
 //! known, `NOTICE` otherwise. The connection always stays open.
 
+mod auth;
 mod close;
+mod count;
 mod event;
-mod req;
+pub(crate) mod req;
 
 use shared::message::{ClientMessage, MessageError, closed_frame, notice_frame, ok_frame};
 
@@ -19,6 +21,10 @@ pub enum Command {
     Req(req::Subscribe),
     /// `CLOSE`.
     Close(close::Unsubscribe),
+    /// `AUTH` (NIP-42).
+    Auth(auth::Authenticate),
+    /// `COUNT` (NIP-45).
+    Count(count::Count),
 }
 
 impl Command {
@@ -30,15 +36,21 @@ impl Command {
                 Command::Req(req::Subscribe::new(sub_id, filters))
             }
             ClientMessage::Close(sub_id) => Command::Close(close::Unsubscribe::new(sub_id)),
+            ClientMessage::Auth(event) => Command::Auth(auth::Authenticate::new(*event)),
+            ClientMessage::Count { query_id, filters } => {
+                Command::Count(count::Count::new(query_id, filters))
+            }
         })
     }
 
     /// Runs the command.
-    pub async fn handle(self, session: &Session) {
+    pub async fn handle(self, session: &mut Session) {
         match self {
             Command::Event(c) => c.handle(session).await,
             Command::Req(c) => c.handle(session).await,
             Command::Close(c) => c.handle(session),
+            Command::Auth(c) => c.handle(session),
+            Command::Count(c) => c.handle(session).await,
         }
     }
 }

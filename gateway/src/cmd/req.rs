@@ -1,10 +1,12 @@
 //! `REQ`: register the subscription for live events first, then ask the query workers for
 //! the stored ones. A `REQ` with an existing id replaces that subscription.
 
-use shared::bus::{self, QueryRequest, ReqId, TraceContext};
+use shared::bus::{self, QueryKind, QueryRequest, ReqId, TraceContext};
 use shared::filter::Filter;
-use shared::message::SubId;
+use shared::message::{SubId, closed_frame};
 
+use crate::policy;
+use crate::ratelimit::{self, Limit};
 use crate::session::Session;
 
 /// A client opening (or replacing) a subscription.
@@ -21,8 +23,12 @@ impl Subscribe {
 
     /// Registers the subscription, then publishes the query. Filters with `limit: 0` (or
     /// that can match nothing) need no query; if none needs one, EOSE is sent at once.
-    pub async fn handle(self, session: &Session) {
+    pub async fn handle(mut self, session: &mut Session) {
         let state = &session.state;
+        if let Err(reason) = admit(session, &self.sub_id, &mut self.filters, true).await {
+            session.send(closed_frame(&self.sub_id, &reason));
+            return;
+        }
         let req = ReqId(state.next_id());
         let query: Vec<Filter> = self
             .filters
@@ -47,6 +53,8 @@ impl Subscribe {
             req,
             sub_id: self.sub_id.clone(),
             filters: query,
+            kind: QueryKind::Events,
+            viewer: session.viewer(),
             trace: TraceContext::default(),
         };
         let stream = state.bus.query_stream(session.conn);
@@ -60,5 +68,32 @@ impl Subscribe {
                 "error: the relay cannot answer queries right now; try again",
             );
         }
+    }
+}
+
+/// The checks a `REQ` (`opens_subscription`) or `COUNT` passes before it goes on the bus:
+/// id length, filter policy and limits, the subscription count, and the per-IP rate limit.
+pub async fn admit(
+    session: &Session,
+    sub_id: &SubId,
+    filters: &mut [Filter],
+    opens_subscription: bool,
+) -> Result<(), String> {
+    let state = &session.state;
+    policy::check_sub_id(session, sub_id)?;
+    policy::check_query(session, filters)?;
+    if opens_subscription {
+        let max = state.config.limits.max_subscriptions;
+        let open = state.registry.subscriptions(session.conn);
+        if open >= max && !state.registry.has_subscription(session.conn, sub_id) {
+            return Err(format!(
+                "rate-limited: {open} subscriptions are open; the limit is {max}; close one first"
+            ));
+        }
+    }
+    let limit = Limit::reqs_from_ip(session.ip, state.config.rate.reqs_per_ip);
+    match ratelimit::exceeded(state, vec![limit]).await {
+        Some(limit) => Err(limit.to_string()),
+        None => Ok(()),
     }
 }
