@@ -90,7 +90,8 @@ impl Default for ClusterOptions {
 pub struct Gateway {
     /// Its bound address.
     pub addr: SocketAddr,
-    child: Child,
+    /// The process.
+    pub child: Child,
 }
 
 impl Gateway {
@@ -120,15 +121,23 @@ pub struct Cluster {
     pub prefix: String,
     /// The database URL the workers use.
     pub db_url: String,
-    name: String,
-    services: Services,
-    options: ClusterOptions,
+    /// Unique name (database name, log directory).
+    pub name: String,
+    /// The Redis and Postgres this cluster uses.
+    pub services: Services,
+    /// The options it was started with.
+    pub options: ClusterOptions,
 }
 
 impl Cluster {
-    /// Starts a cluster: a fresh database, workers, then gateways, each waited for.
+    /// Starts a cluster on the services from the environment (see [`Services::from_env`]).
     pub async fn start(options: ClusterOptions) -> anyhow::Result<Self> {
-        let services = Services::from_env();
+        Self::start_with(Services::from_env(), options).await
+    }
+
+    /// Starts a cluster on the given services: a fresh database, workers, then gateways,
+    /// each waited for.
+    pub async fn start_with(services: Services, options: ClusterOptions) -> anyhow::Result<Self> {
         let name = unique_name("t");
         let db_url = create_database(&services.admin_db_url, &name).await?;
         let mut cluster = Cluster {
@@ -199,7 +208,9 @@ impl Cluster {
         Ok(cmd)
     }
 
-    async fn spawn_worker(&self, binary: &str, index: usize) -> anyhow::Result<Child> {
+    /// Starts one worker process (`ingest-worker` or `query-worker`) and waits until ready;
+    /// `index` only names its log file.
+    pub async fn spawn_worker(&self, binary: &str, index: usize) -> anyhow::Result<Child> {
         let mut child = self
             .command(binary, &format!("{binary}-{index}"))?
             .spawn()?;
