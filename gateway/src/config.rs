@@ -66,6 +66,11 @@ pub struct Limits {
     /// copy of an event it got as stored, in milliseconds.
     #[arg(long, env = "RELAY_DUPLICATE_WINDOW_MS", default_value_t = 5000)]
     pub duplicate_window_ms: u64,
+    /// How long an EVENT, REQ or COUNT may wait for a worker's answer (workers, Redis or
+    /// Postgres down) before the gateway answers `OK false error:` / `CLOSED error:` itself,
+    /// in milliseconds.
+    #[arg(long, env = "RELAY_REPLY_TIMEOUT_MS", default_value_t = 10_000)]
+    pub reply_timeout_ms: u64,
     /// On shutdown, how long to wait for connections to close before exiting, in seconds.
     #[arg(long, env = "RELAY_DRAIN_SECS", default_value_t = 10)]
     pub drain_secs: u64,

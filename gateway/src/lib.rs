@@ -74,17 +74,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let bus = Bus::new(&config.bus);
-    let redis = bus::connect(
-        &config.bus.redis_url,
-        Duration::from_secs(5),
-        Duration::from_secs(60),
-    )
-    .await
-    .context("cannot connect to Redis")?;
+    // Lazy: the gateway serves (and answers `error:`) while Redis is away.
+    let redis = bus::connect_lazy(&config.bus.redis_url, Duration::from_secs(2))
+        .context("bad Redis URL")?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let limits = RegistryLimits {
         live_buffer: config.limits.live_buffer,
         duplicate_window: Duration::from_millis(config.limits.duplicate_window_ms),
+        reply_timeout: Duration::from_millis(config.limits.reply_timeout_ms),
     };
     let drain = Duration::from_secs(config.limits.drain_secs);
     let gateway = GatewayId::random();
@@ -112,7 +109,8 @@ pub async fn run(
         relay_host,
         next_id: AtomicU64::new(1),
     });
-    let subscriber = tokio::spawn(pubsub::run(Arc::clone(&state), stop_rx));
+    let subscriber = tokio::spawn(pubsub::run(Arc::clone(&state), stop_rx.clone()));
+    let expirer = tokio::spawn(expire_loop(Arc::clone(&state), stop_rx));
 
     let app = http::router(Arc::clone(&state));
     axum::serve(
@@ -136,6 +134,7 @@ pub async fn run(
         tracing::warn!(left, "drain deadline passed with connections still open");
     }
     subscriber.abort();
+    expirer.abort();
     tracing::info!("gateway stopped");
     Ok(())
 }
@@ -144,4 +143,15 @@ pub async fn run(
 pub async fn stopped(stopping: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns is dropped here, so callers' futures stay `Send`.
     let _ = stopping.wait_for(|s| *s).await.map(|_| ());
+}
+
+/// Answers, four times a second, whatever a worker left unanswered past its deadline.
+async fn expire_loop(state: Arc<AppState>, mut stopping: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => state.registry.expire(std::time::Instant::now()),
+            _ = stopped(&mut stopping) => return,
+        }
+    }
 }

@@ -84,9 +84,8 @@ fn dispatch(state: &AppState, is_live: bool, payload: &[u8]) {
             message,
             ..
         }) => {
-            state
-                .registry
-                .send(conn, ok_frame(&event_id, accepted, &message));
+            let frame = ok_frame(&event_id, accepted, &message);
+            state.registry.ok(conn, event_id, frame);
         }
         Ok(GatewayReply::Events {
             conn,
@@ -107,7 +106,7 @@ fn dispatch(state: &AppState, is_live: bool, payload: &[u8]) {
                 Ok(n) => count_frame(&query_id, n),
                 Err(message) => closed_frame(&query_id, &message),
             };
-            state.registry.send(conn, frame);
+            state.registry.count(conn, &query_id, frame);
         }
         Ok(GatewayReply::Closed {
             conn,

@@ -11,7 +11,7 @@
 //! **Invariant:** nothing here awaits: delivery uses `try_send` on each connection's bounded
 //! queue, and a connection whose queue is full is told to close (slow consumer).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -54,6 +54,8 @@ struct Sub {
     filters: Vec<Filter>,
     keys: Vec<IndexKey>,
     phase: Phase,
+    /// While stored events are awaited: when to give up with `CLOSED error:`.
+    deadline: Option<Instant>,
 }
 
 struct Conn {
@@ -61,6 +63,10 @@ struct Conn {
     subs: HashMap<SubId, Sub>,
     /// NIP-42 pubkeys, for read-restricted kinds.
     authed: Vec<PubKey>,
+    /// Events sent to the bus whose `OK` has not come yet: deadlines, oldest first.
+    pending_ok: HashMap<EventId, VecDeque<Instant>>,
+    /// `COUNT`s sent to the bus and not answered yet.
+    pending_count: HashMap<SubId, Instant>,
 }
 
 /// The index keys of a subscription: each filter is filed under its most selective
@@ -130,6 +136,9 @@ pub struct RegistryLimits {
     pub live_buffer: usize,
     /// How long ids sent before EOSE are remembered after it.
     pub duplicate_window: Duration,
+    /// How long an EVENT, REQ or COUNT may wait for its worker's answer before the gateway
+    /// answers `error:` itself.
+    pub reply_timeout: Duration,
 }
 
 /// Who may see live events of which kinds.
@@ -191,6 +200,8 @@ impl Registry {
                 handle,
                 subs: HashMap::new(),
                 authed: Vec::new(),
+                pending_ok: HashMap::new(),
+                pending_count: HashMap::new(),
             },
         );
     }
@@ -246,6 +257,7 @@ impl Registry {
     ) {
         let mut inner = self.lock();
         let keys = index_keys(&filters);
+        let deadline = (!stored_done).then(|| Instant::now() + self.limits.reply_timeout);
         let Some(c) = inner.conns.get_mut(&conn) else {
             return;
         };
@@ -259,6 +271,7 @@ impl Registry {
                     buffered: Vec::new(),
                     seen: HashSet::new(),
                 },
+                deadline,
             },
         );
         if let Some(old) = old {
@@ -345,6 +358,113 @@ impl Registry {
                 seen: std::mem::take(seen),
                 forget_at: Instant::now() + window,
             };
+            sub.deadline = None;
+        }
+    }
+
+    /// Notes that an event went to the bus and its `OK` is awaited. Call before publishing,
+    /// so a fast answer cannot arrive first.
+    pub fn expect_ok(&self, conn: ConnId, id: EventId) {
+        let deadline = Instant::now() + self.limits.reply_timeout;
+        if let Some(c) = self.lock().conns.get_mut(&conn) {
+            c.pending_ok.entry(id).or_default().push_back(deadline);
+        }
+    }
+
+    /// Delivers a worker's `OK` if it is still awaited (a late one, after the gateway
+    /// answered `error:` on its own, is dropped: every EVENT gets exactly one `OK`).
+    pub fn ok(&self, conn: ConnId, id: EventId, frame: String) {
+        let mut inner = self.lock();
+        let Some(c) = inner.conns.get_mut(&conn) else {
+            return;
+        };
+        let Some(waiting) = c.pending_ok.get_mut(&id) else {
+            return;
+        };
+        waiting.pop_front();
+        if waiting.is_empty() {
+            c.pending_ok.remove(&id);
+        }
+        push(conn, &c.handle, frame);
+    }
+
+    /// Notes that a `COUNT` went to the bus.
+    pub fn expect_count(&self, conn: ConnId, query_id: SubId) {
+        let deadline = Instant::now() + self.limits.reply_timeout;
+        if let Some(c) = self.lock().conns.get_mut(&conn) {
+            c.pending_count.insert(query_id, deadline);
+        }
+    }
+
+    /// Delivers a `COUNT` answer (or its `CLOSED`) if it is still awaited.
+    pub fn count(&self, conn: ConnId, query_id: &SubId, frame: String) {
+        let mut inner = self.lock();
+        if let Some(c) = inner.conns.get_mut(&conn)
+            && c.pending_count.remove(query_id).is_some()
+        {
+            push(conn, &c.handle, frame);
+        }
+    }
+
+    /// Answers everything whose worker did not answer in time: `OK false error:` for
+    /// events, `CLOSED error:` for REQs (the subscription ends) and COUNTs.
+    pub fn expire(&self, now: Instant) {
+        let mut inner = self.lock();
+        let mut unindex = Vec::new();
+        for (conn_id, c) in inner.conns.iter_mut() {
+            let conn = *conn_id;
+            let mut timed_out = Vec::new();
+            c.pending_ok.retain(|id, deadlines| {
+                while deadlines.front().is_some_and(|d| *d <= now) {
+                    deadlines.pop_front();
+                    timed_out.push(*id);
+                }
+                !deadlines.is_empty()
+            });
+            for id in timed_out {
+                let frame = shared::message::ok_frame(
+                    &id,
+                    false,
+                    "error: the relay did not store the event in time; try again",
+                );
+                push(conn, &c.handle, frame);
+            }
+            let expired: Vec<SubId> = c
+                .pending_count
+                .iter()
+                .filter(|(_, d)| **d <= now)
+                .map(|(q, _)| q.clone())
+                .collect();
+            for q in expired {
+                c.pending_count.remove(&q);
+                push(
+                    conn,
+                    &c.handle,
+                    closed_frame(&q, "error: the relay could not count in time; try again"),
+                );
+            }
+            let stale: Vec<SubId> = c
+                .subs
+                .iter()
+                .filter(|(_, s)| s.deadline.is_some_and(|d| d <= now))
+                .map(|(id, _)| id.clone())
+                .collect();
+            for sub_id in stale {
+                if let Some(sub) = c.subs.remove(&sub_id) {
+                    push(
+                        conn,
+                        &c.handle,
+                        closed_frame(
+                            &sub_id,
+                            "error: the relay could not answer in time; try again",
+                        ),
+                    );
+                    unindex.push((conn, sub_id, sub.keys));
+                }
+            }
+        }
+        for (conn, sub_id, keys) in unindex {
+            inner.unindex(conn, &sub_id, &keys);
         }
     }
 
@@ -435,6 +555,7 @@ mod tests {
             RegistryLimits {
                 live_buffer: 10,
                 duplicate_window: Duration::from_secs(5),
+                reply_timeout: Duration::from_secs(5),
             },
             LivePolicy {
                 restricted_kinds: vec![Kind(4)],
@@ -528,6 +649,47 @@ mod tests {
         reg.set_authed(ConnId(1), vec![me.pubkey()]);
         reg.live(live(&dm));
         assert_eq!(texts(&mut rx).len(), 1, "recipient");
+    }
+
+    #[test]
+    fn unanswered_events_queries_and_counts_time_out_once() {
+        let (reg, mut rx) = registry();
+        let ev = Keys::generate().sign(1, Kind(1), vec![], "x");
+        let sub = SubId::new("s").expect("valid");
+        reg.expect_ok(ConnId(1), ev.id);
+        reg.expect_ok(ConnId(1), ev.id);
+        reg.subscribe(
+            ConnId(1),
+            sub.clone(),
+            ReqId(1),
+            vec![filter(serde_json::json!({}))],
+            false,
+        );
+        reg.expect_count(ConnId(1), SubId::new("c").expect("valid"));
+        reg.ok(ConnId(1), ev.id, "first".into());
+        reg.expire(Instant::now());
+        assert_eq!(
+            texts(&mut rx),
+            vec!["first".to_string()],
+            "nothing is due yet"
+        );
+        reg.expire(Instant::now() + Duration::from_secs(6));
+        let got = texts(&mut rx);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(
+            got.iter()
+                .any(|t| t.starts_with("[\"OK\"") && t.contains("error:"))
+        );
+        assert!(
+            got.iter()
+                .filter(|t| t.starts_with("[\"CLOSED\"") && t.contains("error:"))
+                .count()
+                == 2
+        );
+        reg.ok(ConnId(1), ev.id, "late".into());
+        reg.stored(ConnId(1), ReqId(1), &sub, vec![], true);
+        assert!(texts(&mut rx).is_empty(), "late answers are dropped");
+        assert_eq!(reg.subscriptions(ConnId(1)), 0);
     }
 
     #[test]

@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::streams::{StreamReadOptions, StreamReadReply};
+use redis::streams::{
+    StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -371,6 +373,19 @@ pub async fn connect(
     }
 }
 
+/// Opens a self-reconnecting Redis connection without waiting for Redis: the first command
+/// connects, and fails (quickly) while Redis is down. For processes that must serve even
+/// while Redis is away (the gateway answers `error:` then).
+pub fn connect_lazy(url: &str, response_timeout: Duration) -> Result<ConnectionManager, BusError> {
+    let client = redis::Client::open(url)?;
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(response_timeout))
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_max_delay(Duration::from_secs(2))
+        .set_number_of_retries(1);
+    Ok(ConnectionManager::new_lazy_with_config(client, config)?)
+}
+
 /// Creates `group` on `stream` (and the stream) if missing. The group starts at the
 /// beginning of the stream, so entries added before any worker existed are not skipped.
 pub async fn ensure_group(
@@ -405,6 +420,20 @@ pub struct Entry {
     pub id: String,
     /// The envelope JSON, or `None` when the entry had no readable [`ENTRY_FIELD`].
     pub payload: Option<String>,
+}
+
+impl Entry {
+    fn from_stream(stream: &str, entry: StreamId) -> Self {
+        let payload = entry
+            .map
+            .get(ENTRY_FIELD)
+            .and_then(|v| redis::from_redis_value_ref::<String>(v).ok());
+        Entry {
+            stream: stream.to_owned(),
+            id: entry.id,
+            payload,
+        }
+    }
 }
 
 /// A consumer in a group over every shard of a role's streams.
@@ -446,27 +475,75 @@ impl Consumer {
         &self.name
     }
 
-    /// Reads up to `batch` new entries, waiting at most `block` for the first one.
+    /// Reads up to `batch` new entries, waiting at most `block` for the first one. If the
+    /// groups are gone (Redis restarted without persistence), they are created again.
     pub async fn read(&mut self) -> Result<Vec<Entry>, BusError> {
         let opts = StreamReadOptions::default()
             .group(self.group, &self.name)
             .count(self.batch)
             .block(self.block.as_millis() as usize);
         let ids: Vec<&str> = self.streams.iter().map(|_| ">").collect();
-        let reply: Option<StreamReadReply> =
-            self.conn.xread_options(&self.streams, &ids, &opts).await?;
+        let reply: redis::RedisResult<Option<StreamReadReply>> =
+            self.conn.xread_options(&self.streams, &ids, &opts).await;
+        let reply = match reply {
+            Err(e) if e.code() == Some("NOGROUP") => {
+                tracing::warn!(
+                    "consumer groups are missing (Redis restarted?); creating them again"
+                );
+                for stream in &self.streams {
+                    ensure_group(&mut self.conn, stream, self.group).await?;
+                }
+                return Ok(Vec::new());
+            }
+            other => other?,
+        };
         let mut out = Vec::new();
         for key in reply.map(|r| r.keys).unwrap_or_default() {
             for entry in key.ids {
-                let payload = entry
-                    .map
-                    .get(ENTRY_FIELD)
-                    .and_then(|v| redis::from_redis_value_ref::<String>(v).ok());
-                out.push(Entry {
-                    stream: key.key.clone(),
-                    id: entry.id,
-                    payload,
-                });
+                out.push(Entry::from_stream(&key.key, entry));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Takes over up to `batch` entries that another consumer of the group read but did not
+    /// acknowledge for at least `min_idle` (it died or hangs), so they are handled after all.
+    pub async fn claim(&mut self, min_idle: Duration) -> Result<Vec<Entry>, BusError> {
+        let mut out = Vec::new();
+        for stream in &self.streams {
+            let mut start = "0-0".to_owned();
+            while out.len() < self.batch {
+                let opts = StreamAutoClaimOptions::default().count(self.batch - out.len());
+                let reply: redis::RedisResult<StreamAutoClaimReply> = self
+                    .conn
+                    .xautoclaim_options(
+                        stream,
+                        self.group,
+                        &self.name,
+                        min_idle.as_millis() as u64,
+                        &start,
+                        opts,
+                    )
+                    .await;
+                let reply = match reply {
+                    Err(e) if e.code() == Some("NOGROUP") => break,
+                    other => other?,
+                };
+                if !reply.deleted_ids.is_empty() {
+                    // Pending entries whose data is gone: nothing to redo, release them.
+                    let _: redis::RedisResult<()> =
+                        self.conn.xack(stream, self.group, &reply.deleted_ids).await;
+                }
+                out.extend(
+                    reply
+                        .claimed
+                        .into_iter()
+                        .map(|e| Entry::from_stream(stream, e)),
+                );
+                if reply.next_stream_id == "0-0" {
+                    break;
+                }
+                start = reply.next_stream_id;
             }
         }
         Ok(out)

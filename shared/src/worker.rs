@@ -32,6 +32,10 @@ pub struct WorkerConfig {
     /// in seconds.
     #[arg(long, env = "RELAY_STARTUP_TIMEOUT_SECS", default_value_t = 60)]
     pub startup_timeout_secs: u64,
+    /// Entries another consumer read but left unacknowledged this long (it died) are taken
+    /// over and handled by this one, in milliseconds.
+    #[arg(long, env = "RELAY_CLAIM_IDLE_MS", default_value_t = 30_000)]
+    pub claim_idle_ms: u64,
     /// How often the worker records a heartbeat (read by gateways' `/readyz`), in
     /// milliseconds.
     #[arg(long, env = "RELAY_HEARTBEAT_MS", default_value_t = 2000)]
@@ -122,9 +126,28 @@ pub async fn run<H: Handler>(
     );
     println!("ready");
 
+    let claim_idle = Duration::from_millis(config.claim_idle_ms.max(1));
+    let claim_every = (claim_idle / 2).max(Duration::from_millis(100));
+    let mut next_claim = tokio::time::Instant::now() + claim_every;
     let mut backoff = Duration::from_millis(100);
     while !*stop_rx.borrow() {
-        let entries = match consumer.read().await {
+        let now = tokio::time::Instant::now();
+        let read = if now >= next_claim {
+            next_claim = now + claim_every;
+            let claimed = consumer.claim(claim_idle).await;
+            if let Ok(entries) = &claimed
+                && !entries.is_empty()
+            {
+                tracing::warn!(
+                    count = entries.len(),
+                    "took over entries left pending by another consumer"
+                );
+            }
+            claimed
+        } else {
+            consumer.read().await
+        };
+        let entries = match read {
             Ok(entries) => entries,
             Err(e) => {
                 tracing::warn!(error = %e, "reading the stream failed; retrying");

@@ -39,12 +39,14 @@ impl Count {
         };
         let stream = state.bus.query_stream(session.conn);
         let mut redis = state.redis.clone();
+        state
+            .registry
+            .expect_count(session.conn, self.query_id.clone());
         if let Err(e) = bus::add_entry(&mut redis, &stream, &bus::encode(&request)).await {
             tracing::warn!(error = %e, "cannot publish count query");
-            session.send(closed_frame(
-                &self.query_id,
-                "error: the relay cannot count right now; try again",
-            ));
+            let reason = "error: the relay cannot count right now; try again";
+            let frame = closed_frame(&self.query_id, reason);
+            state.registry.count(session.conn, &self.query_id, frame);
         }
     }
 }

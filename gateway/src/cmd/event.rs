@@ -49,13 +49,13 @@ impl Publish {
         };
         let stream = state.bus.ingest_stream(&id);
         let mut redis = state.redis.clone();
+        state.registry.expect_ok(session.conn, id);
         if let Err(e) = bus::add_entry(&mut redis, &stream, &bus::encode(&request)).await {
             tracing::warn!(error = %e, %id, "cannot publish event to the ingest stream");
-            session.send(ok_frame(
-                &id,
-                false,
-                "error: the relay cannot accept events right now; try again",
-            ));
+            let reason = "error: the relay cannot accept events right now; try again";
+            state
+                .registry
+                .ok(session.conn, id, ok_frame(&id, false, reason));
         }
     }
 }
