@@ -2,6 +2,7 @@
 
 use shared::config::{BusConfig, LogConfig, PublicUrl, QueryLimits};
 use shared::event::Kind;
+use shared::telemetry::OtelConfig;
 
 /// Everything the gateway can be told.
 #[derive(clap::Parser, Debug, Clone)]
@@ -32,6 +33,8 @@ pub struct Config {
     pub info: RelayInfo,
     #[command(flatten)]
     pub log: LogConfig,
+    #[command(flatten)]
+    pub otel: OtelConfig,
 }
 
 /// Bounds on what one connection may use. Each says what happens at the limit.

@@ -28,6 +28,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/", get(root))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .layer(cors)
         .with_state(state)
 }
@@ -146,6 +147,16 @@ pub fn relay_info(state: &AppState) -> serde_json::Value {
         }
     }
     doc
+}
+
+/// Prometheus text exposition of this gateway's metrics.
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let body = state
+        .metrics
+        .as_ref()
+        .map(|h| h.render())
+        .unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
 /// Ready when Redis answers, the reply subscriber is connected, and at least one ingest and

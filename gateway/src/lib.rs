@@ -15,6 +15,7 @@
 pub mod cmd;
 pub mod config;
 pub mod http;
+pub mod metrics;
 pub mod policy;
 pub mod pubsub;
 pub mod ratelimit;
@@ -56,6 +57,8 @@ pub struct AppState {
     pub restricted_kinds: Vec<Kind>,
     /// This relay's host for NIP-42, when configured (else taken from each request).
     pub relay_host: Option<String>,
+    /// Renders `/metrics`.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     next_id: AtomicU64,
 }
 
@@ -71,6 +74,7 @@ impl AppState {
 pub async fn run(
     config: Config,
     listener: TcpListener,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let bus = Bus::new(&config.bus);
@@ -107,6 +111,7 @@ pub async fn run(
         stopping: stop_rx.clone(),
         restricted_kinds,
         relay_host,
+        metrics,
         next_id: AtomicU64::new(1),
     });
     let subscriber = tokio::spawn(pubsub::run(Arc::clone(&state), stop_rx.clone()));

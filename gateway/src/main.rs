@@ -7,7 +7,8 @@ use gateway::Config;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    shared::telemetry::init(config.log.log_format);
+    let telemetry = shared::telemetry::init("gateway", &config.log, &config.otel)
+        .context("cannot set up telemetry")?;
     tracing::info!(?config, "starting gateway");
     config
         .validate()
@@ -18,7 +19,13 @@ async fn main() -> anyhow::Result<()> {
     let addr = listener.local_addr().context("listener has no address")?;
     // The one stdout line: scripts and tests read the bound address from it.
     println!("listening on {addr}");
-    gateway::run(config, listener, shared::shutdown::shutdown_signal())
-        .await
-        .context("gateway failed")
+    let result = gateway::run(
+        config,
+        listener,
+        telemetry.metrics_handle(),
+        shared::shutdown::shutdown_signal(),
+    )
+    .await;
+    telemetry.shutdown();
+    result.context("gateway failed")
 }

@@ -32,6 +32,9 @@ pub fn check_event(session: &Session, event: &Event) -> Result<(), String> {
             limits.max_content_length
         ));
     }
+    if event.replace_key().is_some_and(|d| d.contains('\0')) {
+        return Err("invalid: the d tag must not contain NUL characters".into());
+    }
     let now = shared::unix_now();
     if event.created_at > now + limits.created_at_upper_limit {
         return Err(format!(

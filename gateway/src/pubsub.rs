@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use shared::bus::{self, GatewayReply};
+use shared::bus::{self, GatewayId, GatewayReply, TraceContext};
 use shared::event::Event;
 use shared::message::{closed_frame, count_frame, ok_frame};
 use tokio::sync::watch;
@@ -71,7 +71,18 @@ fn dispatch(state: &AppState, is_live: bool, payload: &[u8]) {
         };
         let json = live.event.get().to_owned();
         match Event::from_json(&json) {
-            Ok(event) => state.registry.live(Arc::new(LiveEvent { event, json })),
+            Ok(event) => {
+                let span = receive_span(
+                    "deliver live",
+                    &state.gateway,
+                    &state.bus.live_channel(),
+                    &live.trace,
+                );
+                span.record("nostr.event.id", tracing::field::display(event.id));
+                let delivered =
+                    span.in_scope(|| state.registry.live(Arc::new(LiveEvent { event, json })));
+                span.record("nostr.deliveries", delivered);
+            }
             Err(e) => tracing::warn!(error = %e, "dropping malformed live event"),
         }
         return;
@@ -82,10 +93,17 @@ fn dispatch(state: &AppState, is_live: bool, payload: &[u8]) {
             event_id,
             accepted,
             message,
-            ..
+            trace,
         }) => {
+            let span = receive_span(
+                "deliver OK",
+                &state.gateway,
+                &state.bus.gateway_channel(&state.gateway),
+                &trace,
+            );
+            span.record("nostr.event.id", tracing::field::display(event_id));
             let frame = ok_frame(&event_id, accepted, &message);
-            state.registry.ok(conn, event_id, frame);
+            span.in_scope(|| state.registry.ok(conn, event_id, frame));
         }
         Ok(GatewayReply::Events {
             conn,
@@ -93,9 +111,20 @@ fn dispatch(state: &AppState, is_live: bool, payload: &[u8]) {
             sub_id,
             events,
             eose,
-            ..
+            trace,
         }) => {
-            state.registry.stored(conn, req, &sub_id, events, eose);
+            if eose {
+                let span = receive_span(
+                    "deliver EOSE",
+                    &state.gateway,
+                    &state.bus.gateway_channel(&state.gateway),
+                    &trace,
+                );
+                span.record("nostr.subscription.id", tracing::field::display(&sub_id));
+                span.in_scope(|| state.registry.stored(conn, req, &sub_id, events, eose));
+            } else {
+                state.registry.stored(conn, req, &sub_id, events, eose);
+            }
         }
         Ok(GatewayReply::Count {
             conn,
@@ -118,4 +147,28 @@ fn dispatch(state: &AppState, is_live: bool, payload: &[u8]) {
         }
         Err(e) => tracing::warn!(error = %e, "dropping undecodable reply"),
     }
+}
+
+/// A consumer span for a message that arrived on `channel`, continuing its sender's trace.
+fn receive_span(
+    name: &'static str,
+    gateway: &GatewayId,
+    channel: &str,
+    trace: &TraceContext,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        "receive",
+        otel.name = name,
+        otel.kind = "consumer",
+        messaging.system = "redis",
+        messaging.operation.type = "receive",
+        messaging.destination.name = %channel,
+        nostr.event.id = tracing::field::Empty,
+        nostr.subscription.id = tracing::field::Empty,
+        nostr.deliveries = tracing::field::Empty,
+        nostr.gateway = %gateway,
+        trace_id = tracing::field::Empty,
+    );
+    trace.parent(&span);
+    span
 }

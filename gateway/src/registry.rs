@@ -155,18 +155,17 @@ pub struct Registry {
     policy: LivePolicy,
 }
 
-/// Sends a frame without waiting; a full queue marks the connection for closing.
-fn push(conn_id: ConnId, handle: &ConnHandle, frame: String) {
+/// Sends a frame without waiting; a full queue marks the connection for closing (the
+/// session logs it when it closes). Returns whether the frame was queued.
+fn push(conn_id: ConnId, handle: &ConnHandle, frame: String) -> bool {
     match handle.tx.try_send(Message::Text(frame.into())) {
-        Ok(()) => {}
+        Ok(()) => true,
         Err(mpsc::error::TrySendError::Full(_)) => {
-            tracing::warn!(
-                conn = conn_id.0,
-                "client too slow: send queue full; disconnecting"
-            );
+            tracing::debug!(conn = conn_id.0, "send queue full; disconnecting");
             handle.kill.notify_one();
+            false
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => {}
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
     }
 }
 
@@ -471,10 +470,10 @@ impl Registry {
     /// Delivers a live event to every matching subscription on this gateway. Expired events
     /// (NIP-40) go nowhere; read-restricted kinds only to connections authenticated as the
     /// author or a `p`-tagged recipient.
-    pub fn live(&self, live: Arc<LiveEvent>) {
+    pub fn live(&self, live: Arc<LiveEvent>) -> usize {
         let ev = &live.event;
         if ev.is_expired(shared::unix_now()) {
-            return;
+            return 0;
         }
         let restricted = self.policy.restricted_kinds.contains(&ev.kind);
         let mut inner = self.lock();
@@ -494,6 +493,7 @@ impl Registry {
 
         let now = Instant::now();
         let mut overflowed = Vec::new();
+        let mut delivered = 0;
         for (conn, sub_id) in candidates {
             let Some(c) = inner.conns.get_mut(&conn) else {
                 continue;
@@ -512,6 +512,7 @@ impl Registry {
                     if buffered.len() < self.limits.live_buffer {
                         buffered.push(Arc::clone(&live));
                     } else {
+                        crate::metrics::live_dropped("buffer_full");
                         overflowed.push((conn, sub.req, sub_id));
                     }
                 }
@@ -525,11 +526,16 @@ impl Registry {
                             *seen = HashSet::new();
                         }
                     }
-                    push(conn, &c.handle, event_frame(&sub_id, &live.json));
+                    if push(conn, &c.handle, event_frame(&sub_id, &live.json)) {
+                        delivered += 1;
+                    } else {
+                        crate::metrics::live_dropped("slow_client");
+                    }
                 }
             }
         }
         drop(inner);
+        crate::metrics::live_delivered(delivered);
         for (conn, req, sub_id) in overflowed {
             self.close(
                 conn,
@@ -538,6 +544,7 @@ impl Registry {
                 "error: too many live events before the end of stored events; subscribe again",
             );
         }
+        delivered
     }
 }
 

@@ -77,16 +77,24 @@ pub async fn run(state: Arc<AppState>, socket: WebSocket, peer: Peer) {
             kill: Arc::clone(&kill),
         },
     );
-    tracing::debug!(conn = conn.0, ip = %peer.ip, "connection opened");
+    crate::metrics::connection_opened();
+    let opened = std::time::Instant::now();
+    tracing::info!(conn = conn.0, ip = %peer.ip, "connection opened");
 
     let writer = tokio::spawn(async move {
+        let mut sent: u64 = 0;
         while let Some(msg) = rx.recv().await {
             let closing = matches!(msg, Message::Close(_));
+            if let Message::Text(text) = &msg {
+                crate::metrics::sent(text.as_str());
+                sent += 1;
+            }
             if sink.send(msg).await.is_err() || closing {
                 break;
             }
         }
         let _ = sink.close().await;
+        sent
     });
 
     let challenge = hex::encode(rand::random::<[u8; 16]>());
@@ -101,21 +109,38 @@ pub async fn run(state: Arc<AppState>, socket: WebSocket, peer: Peer) {
     session.send(auth_frame(&session.challenge));
     let max_message = state.config.limits.max_message_bytes;
     let mut stopping = state.stopping.clone();
+    let mut received: u64 = 0;
     let close = loop {
         tokio::select! {
-            _ = kill.notified() => break Some((close_code::POLICY, "too slow: send queue full")),
+            _ = kill.notified() => {
+                crate::metrics::slow_consumer();
+                break Some((close_code::POLICY, "too slow: send queue full"));
+            }
             _ = crate::stopped(&mut stopping) => break Some((close_code::AWAY, "relay shutting down")),
             msg = stream.next() => match msg {
                 Some(Ok(Message::Text(text))) if text.len() > max_message => {
+                    received += 1;
+                    crate::metrics::received("oversized");
                     session.send(notice_frame(&format!(
                         "invalid: message is {} bytes; the limit is {max_message}", text.len()
                     )));
                 }
-                Some(Ok(Message::Text(text))) => match Command::parse(text.as_str()) {
-                    Ok(cmd) => cmd.handle(&mut session).await,
-                    Err(err) => crate::cmd::reject(&session, err),
-                },
+                Some(Ok(Message::Text(text))) => {
+                    received += 1;
+                    match Command::parse(text.as_str()) {
+                        Ok(cmd) => {
+                            crate::metrics::received(cmd.verb());
+                            cmd.handle(&mut session).await;
+                        }
+                        Err(err) => {
+                            crate::metrics::received("invalid");
+                            crate::cmd::reject(&session, err);
+                        }
+                    }
+                }
                 Some(Ok(Message::Binary(_))) => {
+                    received += 1;
+                    crate::metrics::received("binary");
                     session.send(notice_frame("invalid: binary messages are not supported; send JSON text"));
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
@@ -138,6 +163,16 @@ pub async fn run(state: Arc<AppState>, socket: WebSocket, peer: Peer) {
         }
     }
     drop(tx);
-    let _ = writer.await;
-    tracing::debug!(conn = conn.0, ip = %peer.ip, "connection closed");
+    let sent = writer.await.unwrap_or(0);
+    crate::metrics::connection_closed();
+    tracing::info!(
+        conn = conn.0,
+        ip = %peer.ip,
+        seconds = opened.elapsed().as_secs_f64(),
+        received,
+        sent,
+        authed = session.authed.len(),
+        reason = close.map_or("client", |(_, r)| r),
+        "connection closed"
+    );
 }

@@ -1,5 +1,7 @@
 //! The ingest batch handler: decode, verify, store, answer, fan out.
 
+use std::time::Instant;
+
 use redis::aio::ConnectionManager;
 use shared::bus::{
     self, ConnId, Entry, GatewayId, GatewayReply, IngestRequest, LiveEvent, TraceContext,
@@ -8,6 +10,7 @@ use shared::config::relay_host;
 use shared::event::{Event, EventId, Kind, KindClass};
 use shared::message::raw_json;
 use shared::worker::{Context, Handler};
+use tracing::{Instrument, field::Empty, info_span};
 
 use crate::write::{self, Outcome, Pending};
 
@@ -61,12 +64,13 @@ async fn purge_loop(db: deadpool_postgres::Pool, every: std::time::Duration) {
     }
 }
 
-/// One event of the batch, with where its `OK` goes.
+/// One event of the batch, with where its `OK` goes and the span that traces it.
 struct Item {
     gateway: GatewayId,
     conn: ConnId,
     id: EventId,
     event: Result<Event, String>,
+    span: tracing::Span,
 }
 
 impl Handler for Ingest {
@@ -100,15 +104,38 @@ impl Handler for Ingest {
                 })
             })
             .collect();
-        let results = write::store_batch(&ctx.db, &pending).await;
+        let results = if pending.is_empty() {
+            Vec::new()
+        } else {
+            // One span for the batch's transaction, a child of the first event's trace and
+            // linked to the others.
+            let first = &items[storable[0].0].span;
+            let span = info_span!(
+                parent: first,
+                "INSERT events",
+                otel.kind = "client",
+                db.system.name = "postgresql",
+                db.operation.name = "INSERT",
+                db.collection.name = "events",
+                db.operation.batch.size = pending.len(),
+            );
+            for (i, _) in storable.iter().skip(1) {
+                TraceContext::of(&items[*i].span).link(&span);
+            }
+            let started = Instant::now();
+            let results = write::store_batch(&ctx.db, &pending).instrument(span).await;
+            metrics::histogram!("nostr_ingest_commit_seconds")
+                .record(started.elapsed().as_secs_f64());
+            results
+        };
         let mut stored = storable.iter().zip(results);
 
         for item in &items {
-            match &item.event {
-                Err(reason) => replies.ok(ctx, item, false, format!("invalid: {reason}")),
+            let (outcome, accepted, message) = match &item.event {
+                Err(reason) => ("invalid", false, format!("invalid: {reason}")),
                 Ok(ev) if ev.class() == KindClass::Ephemeral => {
-                    replies.live(ctx, ev.to_json());
-                    replies.ok(ctx, item, true, String::new());
+                    replies.live(ctx, item, ev.to_json());
+                    ("ephemeral", true, String::new())
                 }
                 Ok(_) => {
                     let Some(((_, json), result)) = stored.next() else {
@@ -116,48 +143,63 @@ impl Handler for Ingest {
                     };
                     match result {
                         Ok(Outcome::Stored) => {
-                            replies.live(ctx, json.clone());
-                            replies.ok(ctx, item, true, String::new());
+                            replies.live(ctx, item, json.clone());
+                            ("stored", true, String::new())
                         }
-                        Ok(Outcome::Duplicate) => replies.ok(ctx, item, true, "duplicate: already have this event".into()),
-                        Ok(Outcome::Superseded) => replies.ok(
-                            ctx,
-                            item,
+                        Ok(Outcome::Duplicate) => ("duplicate", true, "duplicate: already have this event".into()),
+                        Ok(Outcome::Superseded) => (
+                            "superseded",
                             false,
                             "duplicate: a newer version of this replaceable event is already stored".into(),
                         ),
-                        Ok(Outcome::Deleted) => {
-                            replies.ok(ctx, item, false, "blocked: this event was deleted by its author".into())
-                        }
-                        Ok(Outcome::Vanished) => replies.ok(
-                            ctx,
-                            item,
+                        Ok(Outcome::Deleted) => ("deleted", false, "blocked: this event was deleted by its author".into()),
+                        Ok(Outcome::Vanished) => (
+                            "vanished",
                             false,
                             "blocked: the author asked this relay to delete their events".into(),
                         ),
-                        Ok(Outcome::VanishedNow) => replies.ok(ctx, item, true, String::new()),
+                        Ok(Outcome::VanishedNow) => ("vanish_request", true, String::new()),
                         Err(e) => {
-                            tracing::error!(error = %e, id = %item.id, "storing event failed");
-                            replies.ok(ctx, item, false, "error: could not store the event; try again".into());
+                            item.span.in_scope(|| tracing::error!(error = %e, id = %item.id, "storing event failed"));
+                            ("error", false, "error: could not store the event; try again".into())
                         }
                     }
                 }
-            }
+            };
+            metrics::counter!("nostr_ingest_events_total", "outcome" => outcome).increment(1);
+            item.span.record("nostr.outcome", outcome);
+            item.span
+                .in_scope(|| tracing::debug!(outcome, "event handled"));
+            replies.ok(ctx, item, accepted, message);
         }
         replies.send(ctx.redis.clone()).await;
     }
 }
 
-fn decode_all(entries: &[Entry]) -> Vec<(GatewayId, ConnId, String)> {
+fn decode_all(entries: &[Entry]) -> Vec<(GatewayId, ConnId, String, tracing::Span)> {
     entries
         .iter()
         .filter_map(|entry| {
-            let decoded = entry
-                .payload
-                .as_deref()
-                .map(bus::decode::<IngestRequest>);
+            let decoded = entry.payload.as_deref().map(bus::decode::<IngestRequest>);
             match decoded {
-                Some(Ok(req)) => Some((req.gateway, req.conn, req.event.get().to_owned())),
+                Some(Ok(req)) => {
+                    let span = info_span!(
+                        "process",
+                        otel.name = %format!("process {}", entry.stream),
+                        otel.kind = "consumer",
+                        messaging.system = "redis",
+                        messaging.operation.type = "process",
+                        messaging.destination.name = %entry.stream,
+                        messaging.consumer.group.name = shared::bus::INGEST_GROUP,
+                        messaging.message.id = %entry.id,
+                        nostr.event.id = Empty,
+                        nostr.event.kind = Empty,
+                        nostr.outcome = Empty,
+                        trace_id = Empty,
+                    );
+                    req.trace.parent(&span);
+                    Some((req.gateway, req.conn, req.event.get().to_owned(), span))
+                }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, entry = %entry.id, "dropping undecodable ingest entry");
                     None
@@ -172,7 +214,7 @@ fn decode_all(entries: &[Entry]) -> Vec<(GatewayId, ConnId, String)> {
 }
 
 /// Parses and verifies every event, spreading the signature checks over the cores.
-async fn verify_all(decoded: Vec<(GatewayId, ConnId, String)>) -> Vec<Item> {
+async fn verify_all(decoded: Vec<(GatewayId, ConnId, String, tracing::Span)>) -> Vec<Item> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = decoded.len().div_ceil(threads).max(1);
     let mut tasks = Vec::new();
@@ -194,16 +236,26 @@ async fn verify_all(decoded: Vec<(GatewayId, ConnId, String)>) -> Vec<Item> {
     items
 }
 
-fn verify_one((gateway, conn, json): (GatewayId, ConnId, String)) -> Option<Item> {
+fn verify_one(
+    (gateway, conn, json, span): (GatewayId, ConnId, String, tracing::Span),
+) -> Option<Item> {
+    let _verify = info_span!(parent: &span, "verify").entered();
     match Event::from_json(&json) {
         Ok(event) => {
+            span.record("nostr.event.id", tracing::field::display(event.id));
+            span.record("nostr.event.kind", event.kind.0);
             let id = event.id;
+            let started = Instant::now();
             let event = event.verify().map(|()| event).map_err(|e| e.to_string());
+            metrics::histogram!("nostr_ingest_verify_seconds")
+                .record(started.elapsed().as_secs_f64());
+            drop(_verify);
             Some(Item {
                 gateway,
                 conn,
                 id,
                 event,
+                span,
             })
         }
         Err(e) => {
@@ -213,7 +265,8 @@ fn verify_one((gateway, conn, json): (GatewayId, ConnId, String)) -> Option<Item
     }
 }
 
-/// Replies and live events of a batch, sent in one pipelined round trip.
+/// Replies and live events of a batch, sent in one pipelined round trip. Each carries the
+/// trace context of its event's span.
 #[derive(Default)]
 struct Replies {
     pipe: redis::Pipeline,
@@ -227,7 +280,7 @@ impl Replies {
             event_id: item.id,
             accepted,
             message,
-            trace: TraceContext::default(),
+            trace: TraceContext::of(&item.span),
         };
         self.pipe
             .publish(ctx.bus.gateway_channel(&item.gateway), bus::encode(&reply))
@@ -235,13 +288,13 @@ impl Replies {
         self.count += 1;
     }
 
-    fn live(&mut self, ctx: &Context, json: String) {
+    fn live(&mut self, ctx: &Context, item: &Item, json: String) {
         let Ok(event) = raw_json(json) else {
             return;
         };
         let live = LiveEvent {
             event,
-            trace: TraceContext::default(),
+            trace: TraceContext::of(&item.span),
         };
         self.pipe
             .publish(ctx.bus.live_channel(), bus::encode(&live))

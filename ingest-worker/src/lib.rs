@@ -15,6 +15,7 @@ use std::future::Future;
 
 use shared::bus::Role;
 use shared::config::{BusConfig, DatabaseConfig, LogConfig, PublicUrl};
+use shared::telemetry::OtelConfig;
 use shared::worker::{self, WorkerConfig, WorkerError};
 
 /// Everything the ingest worker can be told, from flags or `RELAY_*` variables.
@@ -39,11 +40,14 @@ pub struct Config {
     pub expiry_purge_secs: u64,
     #[command(flatten)]
     pub log: LogConfig,
+    #[command(flatten)]
+    pub otel: OtelConfig,
 }
 
-/// Runs until `shutdown` completes.
+/// Runs until `shutdown` completes; `metrics` is served on the worker's HTTP port.
 pub async fn run(
     config: Config,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
     worker::run(
@@ -51,6 +55,7 @@ pub async fn run(
         &config.bus,
         &config.db,
         &config.worker,
+        metrics,
         ingest::Ingest::new(&config),
         shutdown,
     )

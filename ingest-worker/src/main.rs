@@ -7,9 +7,15 @@ use ingest_worker::Config;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    shared::telemetry::init(config.log.log_format);
+    let telemetry = shared::telemetry::init("ingest-worker", &config.log, &config.otel)
+        .context("cannot set up telemetry")?;
     tracing::info!(?config, "starting ingest-worker");
-    ingest_worker::run(config, shared::shutdown::shutdown_signal())
-        .await
-        .context("ingest-worker failed")
+    let result = ingest_worker::run(
+        config,
+        telemetry.metrics_handle(),
+        shared::shutdown::shutdown_signal(),
+    )
+    .await;
+    telemetry.shutdown();
+    result.context("ingest-worker failed")
 }

@@ -268,7 +268,11 @@ async fn apply_deletion(tx: &Transaction<'_>, request: &Event) -> Result<(), Sto
             .await?;
     }
     for address in request.tag_values("a") {
-        let Some((kind, pubkey, d_tag)) = parse_address(address) else {
+        // Stored d tags never hold NUL (the gateway refuses them), so such an address
+        // names nothing; Postgres text could not hold it either.
+        let Some((kind, pubkey, d_tag)) =
+            parse_address(address).filter(|(_, _, d)| !d.contains('\0'))
+        else {
             continue;
         };
         if pubkey != request.pubkey {

@@ -13,6 +13,7 @@ use std::future::Future;
 
 use shared::bus::Role;
 use shared::config::{BusConfig, DatabaseConfig, LogConfig, QueryLimits};
+use shared::telemetry::OtelConfig;
 use shared::worker::{self, WorkerConfig, WorkerError};
 
 /// Everything the query worker can be told, from flags or `RELAY_*` variables.
@@ -33,6 +34,8 @@ pub struct Config {
     pub query: QueryConfig,
     #[command(flatten)]
     pub log: LogConfig,
+    #[command(flatten)]
+    pub otel: OtelConfig,
 }
 
 /// How answers are sized.
@@ -45,9 +48,10 @@ pub struct QueryConfig {
     pub reply_chunk: usize,
 }
 
-/// Runs until `shutdown` completes.
+/// Runs until `shutdown` completes; `metrics` is served on the worker's HTTP port.
 pub async fn run(
     config: Config,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
     let handler = query::Query::new(config.query.clone());
@@ -56,6 +60,7 @@ pub async fn run(
         &config.bus,
         &config.db,
         &config.worker,
+        metrics,
         handler,
         shutdown,
     )

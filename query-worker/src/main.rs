@@ -7,9 +7,15 @@ use query_worker::Config;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    shared::telemetry::init(config.log.log_format);
+    let telemetry = shared::telemetry::init("query-worker", &config.log, &config.otel)
+        .context("cannot set up telemetry")?;
     tracing::info!(?config, "starting query-worker");
-    query_worker::run(config, shared::shutdown::shutdown_signal())
-        .await
-        .context("query-worker failed")
+    let result = query_worker::run(
+        config,
+        telemetry.metrics_handle(),
+        shared::shutdown::shutdown_signal(),
+    )
+    .await;
+    telemetry.shutdown();
+    result.context("query-worker failed")
 }

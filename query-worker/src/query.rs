@@ -3,6 +3,8 @@
 
 use std::collections::HashSet;
 
+use std::time::Instant;
+
 use deadpool_postgres::Pool;
 use futures_util::future::join_all;
 use shared::bus::{self, Entry, GatewayReply, QueryKind, QueryRequest, StoredEvent, TraceContext};
@@ -10,6 +12,7 @@ use shared::event::EventId;
 use shared::message::raw_json;
 use shared::store::StoreError;
 use shared::worker::{Context, Handler};
+use tracing::{Instrument, field::Empty, info_span};
 
 use crate::QueryConfig;
 use crate::sql::{count_query, events_query};
@@ -37,24 +40,49 @@ impl Handler for Query {
     async fn handle(&mut self, ctx: &Context, entries: &[Entry]) {
         let requests = entries.iter().filter_map(|entry| {
             match entry.payload.as_deref().map(bus::decode::<QueryRequest>) {
-                Some(Ok(req)) => Some(req),
+                Some(Ok(req)) => {
+                    let span = info_span!(
+                        "process",
+                        otel.name = %format!("process {}", entry.stream),
+                        otel.kind = "consumer",
+                        messaging.system = "redis",
+                        messaging.operation.type = "process",
+                        messaging.destination.name = %entry.stream,
+                        messaging.consumer.group.name = shared::bus::QUERY_GROUP,
+                        messaging.message.id = %entry.id,
+                        nostr.subscription.id = %req.sub_id,
+                        nostr.query.kind = ?req.kind,
+                        nostr.results = Empty,
+                        trace_id = Empty,
+                    );
+                    req.trace.parent(&span);
+                    Some((req, span))
+                }
                 _ => {
                     tracing::warn!(entry = %entry.id, "dropping undecodable query entry");
                     None
                 }
             }
         });
-        join_all(requests.map(|req| self.answer(ctx, req))).await;
+        join_all(requests.map(|(req, span)| {
+            let trace = TraceContext::of(&span);
+            self.answer(ctx, req, trace).instrument(span)
+        }))
+        .await;
     }
 }
 
 impl Query {
-    async fn answer(&self, ctx: &Context, req: QueryRequest) {
+    async fn answer(&self, ctx: &Context, req: QueryRequest, trace: TraceContext) {
         let channel = ctx.bus.gateway_channel(&req.gateway);
         let mut redis = ctx.redis.clone();
+        let started = Instant::now();
         let messages: Vec<String> = match req.kind {
             QueryKind::Events => match self.run_filters(&ctx.db, &req).await {
-                Ok(rows) => self.chunks(&req, rows),
+                Ok(rows) => {
+                    tracing::Span::current().record("nostr.results", rows.len());
+                    self.chunks(&req, rows, trace)
+                }
                 Err(e) => {
                     tracing::error!(error = %e, sub = %req.sub_id, "query failed");
                     vec![bus::encode(&GatewayReply::Closed {
@@ -77,6 +105,13 @@ impl Query {
                 })]
             }
         };
+        let kind = match req.kind {
+            QueryKind::Events => "req",
+            QueryKind::Count => "count",
+        };
+        metrics::histogram!("nostr_query_seconds", "kind" => kind)
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("nostr_query_requests_total", "kind" => kind).increment(1);
         let mut pipe = redis::pipe();
         for m in messages {
             pipe.publish(&channel, m).ignore();
@@ -100,8 +135,20 @@ impl Query {
                 continue;
             }
             let q = events_query(filter, &req.viewer, now, limit as i64);
-            let stmt = client.prepare_cached(&q.sql).await?;
-            for row in client.query(&stmt, &q.param_refs()).await? {
+            let span = info_span!(
+                "SELECT events",
+                otel.kind = "client",
+                db.system.name = "postgresql",
+                db.operation.name = "SELECT",
+                db.collection.name = "events",
+            );
+            let found = async {
+                let stmt = client.prepare_cached(&q.sql).await?;
+                client.query(&stmt, &q.param_refs()).await
+            }
+            .instrument(span)
+            .await?;
+            for row in found {
                 let id_bytes: &[u8] = row.get(0);
                 let Ok(id) = <[u8; 32]>::try_from(id_bytes).map(EventId::from_bytes) else {
                     continue;
@@ -135,7 +182,7 @@ impl Query {
     }
 
     /// Splits the rows into reply messages; the last (possibly empty) one carries EOSE.
-    fn chunks(&self, req: &QueryRequest, rows: Vec<Row>) -> Vec<String> {
+    fn chunks(&self, req: &QueryRequest, rows: Vec<Row>, trace: TraceContext) -> Vec<String> {
         let size = self.config.reply_chunk.max(1);
         let mut events: Vec<StoredEvent> = rows
             .into_iter()
@@ -156,7 +203,11 @@ impl Query {
                 sub_id: req.sub_id.clone(),
                 events: chunk,
                 eose,
-                trace: TraceContext::default(),
+                trace: if eose {
+                    trace.clone()
+                } else {
+                    TraceContext::default()
+                },
             }));
             if eose {
                 return out;

@@ -62,7 +62,14 @@ fn filter_predicate(q: &mut Query, filter: &Filter) -> String {
     }
     for (letter, values) in &filter.tags {
         let name = q.bind(letter.to_string());
-        let vals = q.bind(values.clone());
+        // Postgres text cannot hold NUL, and values with NUL are never indexed: they match
+        // nothing stored, so they are left out (an empty list matches nothing).
+        let values: Vec<String> = values
+            .iter()
+            .filter(|v| !v.contains('\0'))
+            .cloned()
+            .collect();
+        let vals = q.bind(values);
         conds.push(format!(
             "seq IN (SELECT t.event_seq FROM tags t WHERE t.name = {name} AND t.value = ANY({vals}))"
         ));

@@ -608,6 +608,28 @@ pub async fn live_workers(
     Ok(n)
 }
 
+/// Sets the gauges of a role's streams: length (`nostr_stream_length`), and for its group
+/// the entries read but not acknowledged (`nostr_stream_pending`) and not yet read
+/// (`nostr_stream_lag`). Failures only skip an update.
+pub async fn record_stream_gauges(conn: &mut ConnectionManager, bus: &Bus, role: Role) {
+    for stream in bus.streams(role) {
+        let len: redis::RedisResult<u64> = conn.xlen(&stream).await;
+        if let Ok(len) = len {
+            metrics::gauge!("nostr_stream_length", "stream" => stream.clone()).set(len as f64);
+        }
+        let groups: redis::RedisResult<redis::streams::StreamInfoGroupsReply> =
+            conn.xinfo_groups(&stream).await;
+        let Ok(groups) = groups else { continue };
+        for g in groups.groups.iter().filter(|g| g.name == role.group()) {
+            let labels = [("stream", stream.clone()), ("group", g.name.clone())];
+            metrics::gauge!("nostr_stream_pending", &labels).set(g.pending as f64);
+            if let Some(lag) = g.lag {
+                metrics::gauge!("nostr_stream_lag", &labels).set(lag as f64);
+            }
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn unix_millis() -> i64 {
     std::time::SystemTime::now()

@@ -40,7 +40,23 @@ pub enum EventError {
     BadSignature,
 }
 
+/// Longest error detail sent back, in characters: errors never echo large inputs.
+pub const MAX_ERROR_DETAIL: usize = 200;
+
+/// At most [`MAX_ERROR_DETAIL`] characters of `s`, with an ellipsis when cut.
+pub fn clip(s: &str) -> String {
+    let mut out: String = s.chars().take(MAX_ERROR_DETAIL).collect();
+    if out.len() < s.len() {
+        out.push('…');
+    }
+    out
+}
+
 impl EventError {
+    fn malformed(e: serde_json::Error) -> Self {
+        EventError::Malformed(clip(&e.to_string()))
+    }
+
     /// The NIP-01 machine-readable prefix for this rejection.
     pub fn prefix(&self) -> &'static str {
         "invalid"
@@ -193,15 +209,13 @@ struct WireEvent {
 impl Event {
     /// Parses an event from JSON text and checks each field's shape.
     pub fn from_json(text: &str) -> Result<Self, EventError> {
-        let wire: WireEvent =
-            serde_json::from_str(text).map_err(|e| EventError::Malformed(e.to_string()))?;
+        let wire: WireEvent = serde_json::from_str(text).map_err(EventError::malformed)?;
         Self::from_wire(wire)
     }
 
     /// Parses an event from an already-parsed JSON value.
     pub fn from_value(value: serde_json::Value) -> Result<Self, EventError> {
-        let wire: WireEvent =
-            serde_json::from_value(value).map_err(|e| EventError::Malformed(e.to_string()))?;
+        let wire: WireEvent = serde_json::from_value(value).map_err(EventError::malformed)?;
         Self::from_wire(wire)
     }
 

@@ -107,7 +107,7 @@ impl Filter {
                         }
                         filter.tags.insert(letter, values);
                     }
-                    None => return Err(FilterError::Unknown(key.clone())),
+                    None => return Err(FilterError::Unknown(crate::event::clip(key))),
                 },
             }
         }
@@ -166,7 +166,8 @@ pub fn search_terms(query: &str) -> Vec<String> {
     query
         .split_whitespace()
         .filter(|w| !w.contains(':'))
-        .map(str::to_lowercase)
+        .map(|w| w.replace('\0', "").to_lowercase())
+        .filter(|w| !w.is_empty())
         .collect()
 }
 
@@ -181,7 +182,7 @@ fn search_matches(query: &str, content: &str) -> bool {
 
 fn bad(key: &str, reason: &'static str) -> FilterError {
     FilterError::BadField {
-        field: key.to_owned(),
+        field: crate::event::clip(key),
         reason,
     }
 }

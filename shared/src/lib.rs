@@ -11,6 +11,8 @@
 //! - [`shutdown`]: the SIGINT/SIGTERM future.
 //! - `store` (feature `worker`): the Postgres schema, migrations and pool.
 //! - `worker` (feature `worker`): the read → handle → ack loop both workers run.
+//! - `health` (feature `worker`): the workers' small HTTP server (`/metrics`, `/healthz`,
+//!   `/readyz`).
 //!
 //! **Invariant:** nothing here knows about axum or WebSockets; the binaries depend on this
 //! crate and never on each other.
@@ -20,6 +22,8 @@ pub mod bus;
 pub mod config;
 pub mod event;
 pub mod filter;
+#[cfg(feature = "worker")]
+pub mod health;
 pub mod message;
 pub mod shutdown;
 #[cfg(feature = "worker")]

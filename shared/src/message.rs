@@ -140,8 +140,8 @@ impl MessageError {
 impl ClientMessage {
     /// Parses one client text frame.
     pub fn parse(text: &str) -> Result<Self, MessageError> {
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| MessageError::NotJson(e.to_string()))?;
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| MessageError::NotJson(crate::event::clip(&e.to_string())))?;
         let Value::Array(mut items) = value else {
             return Err(MessageError::NotCommand);
         };

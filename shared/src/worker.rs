@@ -36,6 +36,10 @@ pub struct WorkerConfig {
     /// over and handled by this one, in milliseconds.
     #[arg(long, env = "RELAY_CLAIM_IDLE_MS", default_value_t = 30_000)]
     pub claim_idle_ms: u64,
+    /// Address of the worker's small HTTP server: `/metrics` (Prometheus), `/healthz`,
+    /// `/readyz`. Port 0 picks a free port (logged at start).
+    #[arg(long, env = "RELAY_METRICS_LISTEN", default_value = "127.0.0.1:0")]
+    pub metrics_listen: String,
     /// How often the worker records a heartbeat (read by gateways' `/readyz`), in
     /// milliseconds.
     #[arg(long, env = "RELAY_HEARTBEAT_MS", default_value_t = 2000)]
@@ -52,6 +56,14 @@ pub enum WorkerError {
     /// Postgres failed at start.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The metrics address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The configured address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// What the worker's loop gives each handler.
@@ -83,9 +95,25 @@ pub async fn run<H: Handler>(
     bus_config: &BusConfig,
     db_config: &DatabaseConfig,
     config: &WorkerConfig,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     mut handler: H,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
+    let listener = tokio::net::TcpListener::bind(&config.metrics_listen)
+        .await
+        .map_err(|source| WorkerError::Listen {
+            addr: config.metrics_listen.clone(),
+            source,
+        })?;
+    let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "metrics and health listening");
+    }
+    tokio::spawn(crate::health::serve(
+        listener,
+        metrics,
+        std::sync::Arc::clone(&healthy),
+    ));
     let startup = Duration::from_secs(config.startup_timeout_secs);
     let block = Duration::from_millis(config.block_ms);
     let bus = Bus::new(bus_config);
@@ -116,6 +144,7 @@ pub async fn run<H: Handler>(
         role,
         consumer.name().to_owned(),
         Duration::from_millis(config.heartbeat_ms.max(100)),
+        healthy,
         stop_rx.clone(),
     ));
     handler.start(&ctx);
@@ -163,6 +192,8 @@ pub async fn run<H: Handler>(
         if entries.is_empty() {
             continue;
         }
+        metrics::histogram!("nostr_worker_batch_size", "role" => role.name())
+            .record(entries.len() as f64);
         handler.handle(&ctx, &entries).await;
         if let Err(e) = consumer.ack(&entries).await {
             // The entries stay pending and are handled again; inserts are idempotent.
@@ -174,21 +205,33 @@ pub async fn run<H: Handler>(
     Ok(())
 }
 
+/// Every `every`: if Postgres answers, records a heartbeat in Redis; updates the health
+/// flag behind `/readyz` and the stream gauges.
 async fn heartbeat_loop(
     mut ctx: Context,
     role: Role,
     consumer: String,
     every: Duration,
+    healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let stale = every * 3;
     loop {
-        if store::ping(&ctx.db).await {
-            if let Err(e) = bus::heartbeat(&mut ctx.redis, &ctx.bus, role, &consumer, stale).await {
-                tracing::warn!(error = %e, "heartbeat failed");
+        let ok = if store::ping(&ctx.db).await {
+            match bus::heartbeat(&mut ctx.redis, &ctx.bus, role, &consumer, stale).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "heartbeat failed");
+                    false
+                }
             }
         } else {
             tracing::warn!("database unreachable; not sending a heartbeat");
+            false
+        };
+        healthy.store(ok, std::sync::atomic::Ordering::Relaxed);
+        if ok {
+            bus::record_stream_gauges(&mut ctx.redis, &ctx.bus, role).await;
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

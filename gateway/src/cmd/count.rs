@@ -4,8 +4,9 @@
 use shared::bus::{self, QueryKind, QueryRequest, ReqId, TraceContext};
 use shared::filter::Filter;
 use shared::message::{SubId, closed_frame};
+use tracing::Instrument;
 
-use crate::cmd::req::admit;
+use crate::cmd::req::{admit, send_span};
 use crate::session::Session;
 
 /// A client asking for a count.
@@ -27,6 +28,8 @@ impl Count {
             return;
         }
         let state = &session.state;
+        let stream = state.bus.query_stream(session.conn);
+        let send = send_span(&stream);
         let request = QueryRequest {
             gateway: state.gateway.clone(),
             conn: session.conn,
@@ -35,14 +38,16 @@ impl Count {
             filters: self.filters,
             kind: QueryKind::Count,
             viewer: session.viewer(),
-            trace: TraceContext::default(),
+            trace: TraceContext::of(&send),
         };
-        let stream = state.bus.query_stream(session.conn);
         let mut redis = state.redis.clone();
         state
             .registry
             .expect_count(session.conn, self.query_id.clone());
-        if let Err(e) = bus::add_entry(&mut redis, &stream, &bus::encode(&request)).await {
+        let added = bus::add_entry(&mut redis, &stream, &bus::encode(&request))
+            .instrument(send)
+            .await;
+        if let Err(e) = added {
             tracing::warn!(error = %e, "cannot publish count query");
             let reason = "error: the relay cannot count right now; try again";
             let frame = closed_frame(&self.query_id, reason);

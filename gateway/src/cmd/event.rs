@@ -3,6 +3,8 @@
 use shared::bus::{self, IngestRequest, TraceContext};
 use shared::event::Event;
 use shared::message::{ok_frame, raw_json};
+use shared::telemetry::record_trace_id;
+use tracing::{Instrument, field::Empty, info_span};
 
 use crate::policy;
 use crate::ratelimit::{self, Limit};
@@ -21,7 +23,21 @@ impl Publish {
     }
 
     /// Checks policy and rate limits, then appends the event to its ingest stream shard.
+    /// Traced as the root `EVENT` span; the ingest worker continues the trace.
     pub async fn handle(self, session: &mut Session) {
+        let span = info_span!(
+            "EVENT",
+            otel.kind = "server",
+            nostr.event.id = %self.event.id,
+            nostr.event.kind = self.event.kind.0,
+            nostr.connection = session.conn.0,
+            trace_id = Empty,
+        );
+        record_trace_id(&span);
+        self.publish(session).instrument(span).await;
+    }
+
+    async fn publish(self, session: &mut Session) {
         let state = &session.state;
         let id = self.event.id;
         if let Err(reason) = policy::check_event(session, &self.event) {
@@ -41,16 +57,27 @@ impl Publish {
             session.send(ok_frame(&id, false, "error: could not encode the event"));
             return;
         };
+        let stream = state.bus.ingest_stream(&id);
+        let send = info_span!(
+            "send",
+            otel.name = %format!("send {stream}"),
+            otel.kind = "producer",
+            messaging.system = "redis",
+            messaging.operation.type = "send",
+            messaging.destination.name = %stream,
+        );
         let request = IngestRequest {
             gateway: state.gateway.clone(),
             conn: session.conn,
             event: json,
-            trace: TraceContext::default(),
+            trace: TraceContext::of(&send),
         };
-        let stream = state.bus.ingest_stream(&id);
         let mut redis = state.redis.clone();
         state.registry.expect_ok(session.conn, id);
-        if let Err(e) = bus::add_entry(&mut redis, &stream, &bus::encode(&request)).await {
+        let added = bus::add_entry(&mut redis, &stream, &bus::encode(&request))
+            .instrument(send)
+            .await;
+        if let Err(e) = added {
             tracing::warn!(error = %e, %id, "cannot publish event to the ingest stream");
             let reason = "error: the relay cannot accept events right now; try again";
             state

@@ -43,6 +43,17 @@ impl Command {
         })
     }
 
+    /// The verb, for metrics and logs.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Command::Event(_) => "EVENT",
+            Command::Req(_) => "REQ",
+            Command::Close(_) => "CLOSE",
+            Command::Auth(_) => "AUTH",
+            Command::Count(_) => "COUNT",
+        }
+    }
+
     /// Runs the command.
     pub async fn handle(self, session: &mut Session) {
         match self {

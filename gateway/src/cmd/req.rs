@@ -4,6 +4,8 @@
 use shared::bus::{self, QueryKind, QueryRequest, ReqId, TraceContext};
 use shared::filter::Filter;
 use shared::message::{SubId, closed_frame};
+use shared::telemetry::record_trace_id;
+use tracing::{Instrument, field::Empty, info_span};
 
 use crate::policy;
 use crate::ratelimit::{self, Limit};
@@ -23,7 +25,20 @@ impl Subscribe {
 
     /// Registers the subscription, then publishes the query. Filters with `limit: 0` (or
     /// that can match nothing) need no query; if none needs one, EOSE is sent at once.
-    pub async fn handle(mut self, session: &mut Session) {
+    pub async fn handle(self, session: &mut Session) {
+        let span = info_span!(
+            "REQ",
+            otel.kind = "server",
+            nostr.subscription.id = %self.sub_id,
+            nostr.filters = self.filters.len(),
+            nostr.connection = session.conn.0,
+            trace_id = Empty,
+        );
+        record_trace_id(&span);
+        self.subscribe(session).instrument(span).await;
+    }
+
+    async fn subscribe(mut self, session: &mut Session) {
         let state = &session.state;
         if let Err(reason) = admit(session, &self.sub_id, &mut self.filters, true).await {
             session.send(closed_frame(&self.sub_id, &reason));
@@ -47,6 +62,8 @@ impl Subscribe {
         if stored_done {
             return;
         }
+        let stream = state.bus.query_stream(session.conn);
+        let send = send_span(&stream);
         let request = QueryRequest {
             gateway: state.gateway.clone(),
             conn: session.conn,
@@ -55,11 +72,13 @@ impl Subscribe {
             filters: query,
             kind: QueryKind::Events,
             viewer: session.viewer(),
-            trace: TraceContext::default(),
+            trace: TraceContext::of(&send),
         };
-        let stream = state.bus.query_stream(session.conn);
         let mut redis = state.redis.clone();
-        if let Err(e) = bus::add_entry(&mut redis, &stream, &bus::encode(&request)).await {
+        let added = bus::add_entry(&mut redis, &stream, &bus::encode(&request))
+            .instrument(send)
+            .await;
+        if let Err(e) = added {
             tracing::warn!(error = %e, sub = %self.sub_id, "cannot publish query");
             state.registry.close(
                 session.conn,
@@ -96,4 +115,16 @@ pub async fn admit(
         Some(limit) => Err(limit.to_string()),
         None => Ok(()),
     }
+}
+
+/// The producer span of a query sent to `stream`.
+pub fn send_span(stream: &str) -> tracing::Span {
+    info_span!(
+        "send",
+        otel.name = %format!("send {stream}"),
+        otel.kind = "producer",
+        messaging.system = "redis",
+        messaging.operation.type = "send",
+        messaging.destination.name = %stream,
+    )
 }
