@@ -32,7 +32,7 @@ BIN_DIR="${RELAY_BIN_DIR:-target/debug}"
 # from its source; kubernetes-validate's bundled schemas decide the version).
 REQUIREMENTS=("helm-python-sdk==0.2.2" "kubernetes-validate==1.37.0")
 # Custom resources: kubernetes-validate bundles no schema for them.
-SKIP_KINDS="ServiceMonitor"
+SKIP_KINDS="ServiceMonitor PodMonitor"
 # Oldest Kubernetes minor version acceptable as "newest bundled".
 MIN_KUBE_MINOR="1.31"
 # Release name and namespace of the offline renders.
@@ -135,7 +135,7 @@ expected = {
                    ("Deployment", "gateway"), ("Deployment", "ingest-worker"), ("Deployment", "query-worker"),
                    ("Ingress", "gateway"), ("HorizontalPodAutoscaler", "gateway"),
                    ("HorizontalPodAutoscaler", "ingest-worker"), ("HorizontalPodAutoscaler", "query-worker"),
-                   ("ServiceMonitor", "gateway")],
+                   ("ServiceMonitor", "gateway"), ("PodMonitor", "workers")],
 }
 
 SEVERITY = {0: "UNKNOWN", 1: "INFO", 2: "WARNING", 3: "ERROR"}

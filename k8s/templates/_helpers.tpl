@@ -142,6 +142,19 @@ first ingress host (wss:// when a TLS entry covers it), else empty.
 {{- end -}}
 
 {{/*
+RELAY_TRUST_FORWARDED of the gateway ("true" or "false"): gateway.trustForwarded,
+or with "auto" whether the Ingress (which sets X-Forwarded-For) is enabled.
+*/}}
+{{- define "nostr-relay.trustForwarded" -}}
+{{- $t := .Values.gateway.trustForwarded -}}
+{{- if eq (toString $t) "auto" -}}
+{{- ternary "true" "false" (.Values.gateway.ingress.enabled | default false) -}}
+{{- else -}}
+{{- ternary "true" "false" (eq (toString $t) "true") -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
 Gateway terminationGracePeriodSeconds: the preStop sleep, then SIGTERM and
 up to RELAY_DRAIN_SECS of draining, plus a margin.
 */}}
@@ -245,15 +258,13 @@ spec:
 {{- end -}}
 
 {{/*
-Deployment of a worker (no port, no probes yet).
+Deployment of a worker: its HTTP server (/metrics, /healthz, /readyz) listens
+on the container port "metrics"; the probes use it.
 Takes (dict "root" $ "component" "ingest-worker" "values" .Values.ingestWorker).
 */}}
 {{- define "nostr-relay.workerDeployment" -}}
 {{- $root := .root -}}
 {{- $w := .values -}}
-{{- if $w.probes.enabled -}}
-{{- fail (printf "%s: probes need the worker metrics endpoint, which does not exist yet; keep probes.enabled false" .component) -}}
-{{- end -}}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -295,12 +306,39 @@ spec:
           imagePullPolicy: {{ $root.Values.image.pullPolicy }}
           command:
             - /usr/local/bin/{{ .component }}
+          ports:
+            - name: metrics
+              containerPort: {{ $w.metricsPort }}
+              protocol: TCP
           envFrom:
             - configMapRef:
                 name: {{ include "nostr-relay.componentName" . }}
           env:
             {{- include "nostr-relay.redisUrlEnv" $root | nindent 12 }}
             {{- include "nostr-relay.databaseUrlEnv" $root | nindent 12 }}
+          {{- if $w.probes.enabled }}
+          {{- $r := $w.probes.readiness }}
+          {{- $l := $w.probes.liveness }}
+          # Ready once the last heartbeat reached Redis with Postgres answering.
+          readinessProbe:
+            httpGet:
+              path: /readyz
+              port: metrics
+            initialDelaySeconds: {{ $r.initialDelaySeconds | default 0 }}
+            periodSeconds: {{ $r.periodSeconds }}
+            timeoutSeconds: {{ $r.timeoutSeconds }}
+            failureThreshold: {{ $r.failureThreshold }}
+            successThreshold: {{ $r.successThreshold }}
+          # Alive while the process answers HTTP (not tied to Redis or Postgres).
+          livenessProbe:
+            httpGet:
+              path: /healthz
+              port: metrics
+            initialDelaySeconds: {{ $l.initialDelaySeconds | default 0 }}
+            periodSeconds: {{ $l.periodSeconds }}
+            timeoutSeconds: {{ $l.timeoutSeconds }}
+            failureThreshold: {{ $l.failureThreshold }}
+          {{- end }}
           securityContext:
             {{- toYaml $root.Values.containerSecurityContext | nindent 12 }}
           resources:

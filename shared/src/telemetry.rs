@@ -14,7 +14,7 @@ use std::time::Duration;
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
+use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
     BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider,
@@ -141,7 +141,6 @@ impl OtelConfig {
                 .with_tonic()
                 .with_endpoint(endpoint)
                 .with_timeout(Duration::from_secs(5))
-                .with_compression(opentelemetry_otlp::Compression::Gzip)
                 .build(),
             other => {
                 return Err(TelemetryError::Config(format!(
@@ -149,7 +148,7 @@ impl OtelConfig {
                 )));
             }
         }
-        .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+        .map_err(|e| TelemetryError::Exporter(format!("{e:?}")))?;
         let batch = BatchConfigBuilder::default()
             .with_scheduled_delay(Duration::from_millis(self.batch_delay_ms.max(1)))
             .build();
@@ -231,10 +230,19 @@ pub fn init(
         opentelemetry::global::set_tracer_provider(p.clone());
         tracing::info!(endpoint = ?otel.otlp_endpoint, protocol = %otel.otlp_protocol, "exporting traces over OTLP");
     }
+    // Latencies in seconds; sizes (`*_size`) in counts.
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
         ])
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Suffix("_size".into()),
+                &[
+                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+                ],
+            )
+        })
         .ok()
         .and_then(|b| b.install_recorder().ok());
     Ok(Telemetry { provider, metrics })
