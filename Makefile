@@ -1,6 +1,7 @@
 # Developer entry points for the relay workspace (GNU make).
 # `make test` and `make run` install Redis and Postgres from Debian packages
-# when they are missing (see deploy/local-stack.sh).
+# when they are missing (see deploy/local-stack.sh); `make test` also installs
+# nginx (the fault tests' load balancer; its system service is not started).
 
 STACK := deploy/local-stack.sh
 
@@ -49,6 +50,7 @@ test:
 	trap 'exit 143' TERM; \
 	$(STACK) clean $(TEST_STATE) >/dev/null || true; \
 	FAST=1 $(STACK) services-up $(TEST_STATE) $(TEST_REDIS_PORT) $(TEST_PG_PORT) || exit $$?; \
+	$(STACK) ensure-nginx || exit $$?; \
 	eval "$$($(STACK) test-env $(TEST_STATE))" || exit $$?; \
 	echo "RELAY_TEST_REDIS_URL=$$RELAY_TEST_REDIS_URL"; \
 	echo "RELAY_TEST_DATABASE_URL=$$RELAY_TEST_DATABASE_URL"; \
@@ -90,7 +92,9 @@ clean-stack:
 	$(STACK) clean $(RUN_STATE)
 	$(STACK) clean $(TEST_STATE)
 
-# Benchmarks: placeholder.
+# Benchmarks (deploy/bench.sh): release build, durable Redis/Postgres in target/bench-stack,
+# a cluster of 2 gateways and 1 worker of each kind, the relay-bench scenarios, and
+# target/bench/report.md + report.json. Short profile by default; `make bench BENCH=full`
+# for the sizes the targets are stated for. Everything started is stopped afterwards.
 bench:
-	@echo "bench: not yet implemented" >&2
-	@exit 1
+	BENCH="$(BENCH)" bash deploy/bench.sh

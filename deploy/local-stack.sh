@@ -8,6 +8,12 @@
 #   deploy/local-stack.sh test-env <state-dir>
 #   deploy/local-stack.sh clean <state-dir>
 #   deploy/local-stack.sh run
+#   deploy/local-stack.sh redis-start <state-dir> <redis-port>   just Redis (fault tests)
+#   deploy/local-stack.sh redis-stop <state-dir>
+#   deploy/local-stack.sh pg-start <state-dir> <pg-port>         just Postgres (fault tests)
+#   deploy/local-stack.sh pg-stop <state-dir>
+#   deploy/local-stack.sh ensure-nginx   install nginx if missing (the fault tests'
+#                                        load balancer), without starting its service
 #
 # Environment:
 #   FAST=1            non-durable services (fsync off, no Redis persistence); for tests
@@ -33,6 +39,11 @@ usage: $0 services-up <state-dir> <redis-port> <pg-port>
        $0 test-env <state-dir>
        $0 clean <state-dir>
        $0 run
+       $0 redis-start <state-dir> <redis-port>
+       $0 redis-stop <state-dir>
+       $0 pg-start <state-dir> <pg-port>
+       $0 pg-stop <state-dir>
+       $0 ensure-nginx
 EOF
     exit 2
 }
@@ -116,6 +127,45 @@ ensure_installed() {
     "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server postgresql ||
         die "apt-get install redis-server postgresql failed"
     have_services || die "Redis/Postgres still not found after installing them"
+}
+
+# nginx is not always on PATH for non-root users (/usr/sbin).
+have_nginx() {
+    command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]]
+}
+
+# Install nginx (the fault tests run their own instance as a load balancer) without
+# letting the package start the system service: a policy-rc.d that refuses every
+# service start is in place during the install (unless one already exists).
+ensure_nginx() {
+    if have_nginx; then
+        return 0
+    fi
+    log "nginx not found; installing it from Debian packages (its service is not started)"
+    command -v apt-get >/dev/null 2>&1 || die "apt-get not found: install nginx yourself"
+    local -a as_root=()
+    if [[ "$(id -u)" -ne 0 ]]; then
+        command -v sudo >/dev/null 2>&1 ||
+            die "not root and sudo is not available: install nginx yourself (apt-get install nginx)"
+        as_root=(sudo)
+    fi
+    local policy=/usr/sbin/policy-rc.d added=0
+    if [[ ! -e "$policy" ]]; then
+        printf '#!/bin/sh\n# Temporary, from deploy/local-stack.sh ensure-nginx: start no services.\nexit 101\n' |
+            "${as_root[@]}" tee "$policy" >/dev/null && "${as_root[@]}" chmod 755 "$policy" && added=1
+    fi
+    local rc=0
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update || rc=$?
+    if (( rc == 0 )); then
+        "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx ||
+            "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx-light ||
+            rc=$?
+    fi
+    if (( added )); then
+        "${as_root[@]}" rm -f "$policy"
+    fi
+    (( rc == 0 )) || die "installing nginx failed"
+    have_nginx || die "nginx still not found after installing it"
 }
 
 # ---------------------------------------------------------------------------
@@ -479,6 +529,48 @@ clean_state() {
     rm -rf "$state"
 }
 
+# Start or stop only Redis or only Postgres of a state dir (the others keep running);
+# the fault tests use these to take a private service away and bring it back on the
+# same port with the same data.
+redis_start() {
+    local state port="$2"
+    state="$(abs_dir "$1")"
+    is_port "$port" || die "bad Redis port: $port"
+    ensure_installed
+    mkdir -p "$state"
+    redis_up "$state" "$port"
+}
+
+redis_stop() {
+    local state
+    state="$(abs_dir "$1")"
+    [[ -d "$state" ]] || return 0
+    redis_down "$state"
+}
+
+pg_start() {
+    local state port="$2"
+    state="$(abs_dir "$1")"
+    is_port "$port" || die "bad Postgres port: $port"
+    ensure_installed
+    pg_user_init
+    mkdir -p "$state"
+    # The postgres user must be able to traverse the state dir.
+    chmod o+x "$state" 2>/dev/null || true
+    pg_up "$state" "$port"
+}
+
+pg_stop() {
+    local state
+    state="$(abs_dir "$1")"
+    [[ -d "$state" ]] || return 0
+    if [[ "$(id -u)" -eq 0 ]] && id -u postgres >/dev/null 2>&1; then
+        PG_USER=postgres
+    fi
+    find_pg_bin || die "Postgres binaries not found"
+    pg_down "$state"
+}
+
 test_env() {
     local state
     state="$(abs_dir "$1")"
@@ -709,6 +801,26 @@ main() {
         run)
             (( $# == 0 )) || usage
             run_stack
+            ;;
+        redis-start)
+            (( $# == 2 )) || usage
+            redis_start "$@"
+            ;;
+        redis-stop)
+            (( $# == 1 )) || usage
+            redis_stop "$1"
+            ;;
+        pg-start)
+            (( $# == 2 )) || usage
+            pg_start "$@"
+            ;;
+        pg-stop)
+            (( $# == 1 )) || usage
+            pg_stop "$1"
+            ;;
+        ensure-nginx)
+            (( $# == 0 )) || usage
+            ensure_nginx
             ;;
         -h | --help | help) usage ;;
         *) usage ;;

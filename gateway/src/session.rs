@@ -64,6 +64,9 @@ pub struct Peer {
     pub relay_host: String,
 }
 
+/// How long a close frame may take to reach a client before the socket is dropped.
+const CLOSE_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Runs a session until the client leaves, it is too slow, or the gateway stops.
 pub async fn run(state: Arc<AppState>, socket: WebSocket, peer: Peer) {
     let conn = ConnId(state.next_id());
@@ -81,19 +84,34 @@ pub async fn run(state: Arc<AppState>, socket: WebSocket, peer: Peer) {
     let opened = std::time::Instant::now();
     tracing::info!(conn = conn.0, ip = %peer.ip, "connection opened");
 
+    // The close frame has its own path, so it goes out even when the queue is full (a slow
+    // client is told 1008 instead of being reset); what is still queued is dropped.
+    let (close_tx, mut close_rx) = tokio::sync::oneshot::channel::<CloseFrame>();
     let writer = tokio::spawn(async move {
         let mut sent: u64 = 0;
-        while let Some(msg) = rx.recv().await {
-            let closing = matches!(msg, Message::Close(_));
-            if let Message::Text(text) = &msg {
-                crate::metrics::sent(text.as_str());
-                sent += 1;
-            }
-            if sink.send(msg).await.is_err() || closing {
-                break;
+        loop {
+            tokio::select! {
+                biased;
+                frame = &mut close_rx => {
+                    if let Ok(frame) = frame {
+                        let send = sink.send(Message::Close(Some(frame)));
+                        let _ = tokio::time::timeout(CLOSE_SEND_TIMEOUT, send).await;
+                    }
+                    break;
+                }
+                msg = rx.recv() => {
+                    let Some(msg) = msg else { break };
+                    if let Message::Text(text) = &msg {
+                        crate::metrics::sent(text.as_str());
+                        sent += 1;
+                    }
+                    if sink.send(msg).await.is_err() {
+                        break;
+                    }
+                }
             }
         }
-        let _ = sink.close().await;
+        let _ = tokio::time::timeout(CLOSE_SEND_TIMEOUT, sink.close()).await;
         sent
     });
 
@@ -154,13 +172,10 @@ pub async fn run(state: Arc<AppState>, socket: WebSocket, peer: Peer) {
     };
     state.registry.remove_conn(conn);
     if let Some((code, reason)) = close {
-        let frame = Message::Close(Some(CloseFrame {
+        let _ = close_tx.send(CloseFrame {
             code,
             reason: reason.into(),
-        }));
-        if tx.try_send(frame).is_err() {
-            writer.abort();
-        }
+        });
     }
     drop(tx);
     let sent = writer.await.unwrap_or(0);

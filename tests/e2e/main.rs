@@ -1,7 +1,9 @@
 //! End-to-end tests: the real binaries, real Redis and Postgres, WebSocket clients.
 //! Run with `make test` (it starts the services and sets `RELAY_TEST_*`).
 
+mod hostile;
 mod nip01;
+mod observability;
 mod policy;
 
 use std::sync::atomic::{AtomicU64, Ordering};

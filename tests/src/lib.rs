@@ -7,6 +7,9 @@
 //! parallel against one Redis and one Postgres. Processes are killed when the cluster drops;
 //! their stderr goes to `target/test-logs/<cluster name>/`.
 
+pub mod faults;
+pub mod otlp;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -127,6 +130,8 @@ pub struct Cluster {
     pub services: Services,
     /// The options it was started with.
     pub options: ClusterOptions,
+    /// Each worker's metrics address (`/metrics`, `/healthz`, `/readyz`), by log name.
+    pub worker_http: Vec<(String, SocketAddr)>,
 }
 
 impl Cluster {
@@ -148,14 +153,21 @@ impl Cluster {
             name,
             services,
             options: options.clone(),
+            worker_http: Vec::new(),
         };
         for i in 0..options.ingest_workers {
-            let child = cluster.spawn_worker("ingest-worker", i).await?;
+            let (child, http) = cluster.spawn_worker_with_http("ingest-worker", i).await?;
             cluster.workers.push(child);
+            cluster
+                .worker_http
+                .push((format!("ingest-worker-{i}"), http));
         }
         for i in 0..options.query_workers {
-            let child = cluster.spawn_worker("query-worker", i).await?;
+            let (child, http) = cluster.spawn_worker_with_http("query-worker", i).await?;
             cluster.workers.push(child);
+            cluster
+                .worker_http
+                .push((format!("query-worker-{i}"), http));
         }
         for _ in 0..options.gateways {
             cluster.add_gateway().await?;
@@ -211,16 +223,36 @@ impl Cluster {
     /// Starts one worker process (`ingest-worker` or `query-worker`) and waits until ready;
     /// `index` only names its log file.
     pub async fn spawn_worker(&self, binary: &str, index: usize) -> anyhow::Result<Child> {
-        let mut child = self
-            .command(binary, &format!("{binary}-{index}"))?
-            .spawn()?;
+        Ok(self.spawn_worker_with_http(binary, index).await?.0)
+    }
+
+    /// Like [`Cluster::spawn_worker`], and returns the worker's metrics/health address.
+    pub async fn spawn_worker_with_http(
+        &self,
+        binary: &str,
+        index: usize,
+    ) -> anyhow::Result<(Child, SocketAddr)> {
+        let http = free_port()?;
+        let mut cmd = self.command(binary, &format!("{binary}-{index}"))?;
+        cmd.env("RELAY_METRICS_LISTEN", http.to_string());
+        let mut child = cmd.spawn()?;
         let line = first_line(&mut child)
             .await
             .with_context(|| format!("{binary} did not start"))?;
         if line.trim() != "ready" {
             bail!("{binary} printed {line:?} instead of ready");
         }
-        Ok(child)
+        Ok((child, http))
+    }
+
+    /// The stderr log of a process of this cluster (e.g. `gateway-0`, `ingest-worker-0`).
+    pub fn log(&self, process: &str) -> String {
+        let path = bin_dir()
+            .join("..")
+            .join("test-logs")
+            .join(&self.name)
+            .join(format!("{process}.log"));
+        std::fs::read_to_string(path).unwrap_or_default()
     }
 
     /// Starts one more gateway and returns its index.
@@ -257,6 +289,12 @@ impl Cluster {
     pub async fn db(&self) -> tokio_postgres::Client {
         connect_db(&self.db_url).await.expect("database connects")
     }
+}
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_port() -> anyhow::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?)
 }
 
 async fn first_line(child: &mut Child) -> anyhow::Result<String> {

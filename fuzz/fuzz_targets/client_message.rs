@@ -1,0 +1,42 @@
+//! Client frames → `ClientMessage::parse`. Parsed events must verify without panicking and
+//! survive `to_json` / `canonical_json`; parsed filters must survive their wire form; every
+//! refusal must carry a NIP-01 prefix.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use shared::filter::Filter;
+use shared::message::ClientMessage;
+
+#[path = "common.rs"]
+mod common;
+
+fuzz_target!(|data: &[u8]| {
+    // The gateway only ever parses text frames, which are UTF-8; a lossy decode lets the
+    // fuzzer's raw bytes reach the parser instead of being skipped.
+    let text = String::from_utf8_lossy(data);
+    match ClientMessage::parse(&text) {
+        Ok(ClientMessage::Event(event) | ClientMessage::Auth(event)) => common::check_event(&event),
+        Ok(ClientMessage::Req { sub_id, filters } | ClientMessage::Count { query_id: sub_id, filters }) => {
+            let chars = sub_id.as_str().chars().count();
+            assert!((1..=64).contains(&chars), "sub id of {chars} characters accepted");
+            assert!(!filters.is_empty(), "REQ/COUNT without filters accepted");
+            for filter in &filters {
+                let json = serde_json::to_value(filter).expect("filter serializes");
+                let back = Filter::from_value(&json).expect("serialized filter re-parses");
+                assert_eq!(&back, filter);
+            }
+        }
+        Ok(ClientMessage::Close(sub_id)) => {
+            let chars = sub_id.as_str().chars().count();
+            assert!((1..=64).contains(&chars), "sub id of {chars} characters accepted");
+        }
+        Err(err) => {
+            let prefix = err.prefix();
+            assert!(
+                matches!(prefix, "invalid" | "unsupported"),
+                "unexpected prefix {prefix:?} for {err:?}"
+            );
+            assert!(err.reason().starts_with(&format!("{prefix}: ")));
+        }
+    }
+});
