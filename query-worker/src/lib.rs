@@ -7,7 +7,6 @@
 //! one `count(*)` over the ORed filters.
 
 mod query;
-mod sql;
 
 use std::future::Future;
 

@@ -15,7 +15,7 @@ use shared::worker::{Context, Handler};
 use tracing::{Instrument, field::Empty, info_span};
 
 use crate::QueryConfig;
-use crate::sql::{count_query, events_query};
+use shared::sql::{count_query, events_query};
 
 /// The query worker's [`Handler`].
 pub struct Query {

@@ -10,6 +10,7 @@
 //! - [`telemetry`]: logging setup.
 //! - [`shutdown`]: the SIGINT/SIGTERM future.
 //! - `store` (feature `worker`): the Postgres schema, migrations and pool.
+//! - `sql` (feature `worker`): filters as parameterized SQL (query workers and tools).
 //! - `worker` (feature `worker`): the read → handle → ack loop both workers run.
 //! - `health` (feature `worker`): the workers' small HTTP server (`/metrics`, `/healthz`,
 //!   `/readyz`).
@@ -26,6 +27,8 @@ pub mod filter;
 pub mod health;
 pub mod message;
 pub mod shutdown;
+#[cfg(feature = "worker")]
+pub mod sql;
 #[cfg(feature = "worker")]
 pub mod store;
 pub mod telemetry;

@@ -3,9 +3,9 @@
 //! Every query also hides what no client may see: expired events (NIP-40), and events of
 //! read-restricted kinds unless the viewer is their author or a `p`-tagged recipient.
 
-use shared::bus::Viewer;
-use shared::filter::{Filter, search_terms};
-use shared::store::SEARCH_CONFIG;
+use crate::bus::Viewer;
+use crate::filter::{Filter, search_terms};
+use crate::store::SEARCH_CONFIG;
 use tokio_postgres::types::ToSql;
 
 /// A parameterized query.
@@ -158,7 +158,7 @@ pub fn count_query(filters: &[&Filter], viewer: &Viewer, now: i64) -> Query {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared::event::{Kind, PubKey};
+    use crate::event::{Kind, PubKey};
 
     fn filter(v: serde_json::Value) -> Filter {
         Filter::from_value(&v).expect("valid")
