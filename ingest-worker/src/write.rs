@@ -127,15 +127,178 @@ fn author_lock(pubkey: &PubKey) -> i64 {
     i64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
 }
 
+/// Whether an event takes the set-based path: a regular kind that deletes nothing. The
+/// others (replaceable, addressable, deletions, requests to vanish) go one by one.
+fn is_simple(p: &Pending<'_>) -> bool {
+    p.event.replace_key().is_none() && p.event.kind != Kind(5) && !p.vanish
+}
+
 async fn store_in_tx(db: &Pool, batch: &[Pending<'_>]) -> Result<Vec<Outcome>, StoreError> {
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for pending in batch {
-        outcomes.push(store_one(&tx, pending).await?);
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
+    let simple: Vec<usize> = (0..batch.len()).filter(|&i| is_simple(&batch[i])).collect();
+    if !simple.is_empty() {
+        for (i, outcome) in store_simple(&tx, batch, &simple).await? {
+            outcomes[i] = Some(outcome);
+        }
+    }
+    for (i, pending) in batch.iter().enumerate() {
+        if outcomes[i].is_none() {
+            outcomes[i] = Some(store_one(&tx, pending).await?);
+        }
     }
     tx.commit().await?;
+    Ok(outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or(Outcome::Duplicate))
+        .collect())
+}
+
+const LOCK_SHARED_MANY: &str =
+    "SELECT pg_advisory_xact_lock_shared(k) FROM unnest($1::bigint[]) AS k";
+
+const DELETED_IDS: &str = "SELECT d.id FROM deleted_events d \
+     JOIN unnest($1::bytea[], $2::bytea[]) AS t(id, pubkey) ON d.id = t.id AND d.pubkey = t.pubkey";
+
+const VANISHED_UNTIL: &str = "SELECT pubkey, until FROM vanished WHERE pubkey = ANY($1)";
+
+const INSERT_MANY: &str = "INSERT INTO events (id, pubkey, kind, created_at, d_tag, expires_at, search, json) \
+     SELECT id, pk, k, c, NULL, e, CASE WHEN s = '' THEN NULL ELSE to_tsvector('simple', s) END, j \
+     FROM unnest($1::bytea[], $2::bytea[], $3::int[], $4::bigint[], $5::bigint[], $6::text[], $7::text[]) \
+       AS t(id, pk, k, c, e, s, j) \
+     ON CONFLICT (id) DO NOTHING RETURNING id, seq";
+
+const INSERT_TAGS_MANY: &str = "INSERT INTO tags (event_seq, name, value, kind, created_at) \
+     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::int[], $5::bigint[])";
+
+/// Stores the batch's regular events with a handful of statements whatever their number:
+/// one lock statement (authors' shared locks, in key order), one tombstone check, one
+/// vanish check, one multi-row insert and one tags insert.
+async fn store_simple(
+    tx: &Transaction<'_>,
+    batch: &[Pending<'_>],
+    simple: &[usize],
+) -> Result<Vec<(usize, Outcome)>, StoreError> {
+    let mut keys: Vec<i64> = simple
+        .iter()
+        .map(|&i| author_lock(&batch[i].event.pubkey))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    tx.execute(&tx.prepare_cached(LOCK_SHARED_MANY).await?, &[&keys])
+        .await?;
+
+    let ids: Vec<&[u8]> = simple
+        .iter()
+        .map(|&i| batch[i].event.id.as_bytes().as_slice())
+        .collect();
+    let pubkeys: Vec<&[u8]> = simple
+        .iter()
+        .map(|&i| batch[i].event.pubkey.as_bytes().as_slice())
+        .collect();
+    let deleted: std::collections::HashSet<Vec<u8>> = tx
+        .query(&tx.prepare_cached(DELETED_IDS).await?, &[&ids, &pubkeys])
+        .await?
+        .into_iter()
+        .map(|r| r.get::<_, Vec<u8>>(0))
+        .collect();
+    let vanished: std::collections::HashMap<Vec<u8>, i64> = tx
+        .query(&tx.prepare_cached(VANISHED_UNTIL).await?, &[&pubkeys])
+        .await?
+        .into_iter()
+        .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, i64>(1)))
+        .collect();
+
+    let mut outcomes = Vec::with_capacity(simple.len());
+    let mut insert: Vec<usize> = Vec::with_capacity(simple.len());
+    for &i in simple {
+        let ev = batch[i].event;
+        let until = vanished.get(ev.pubkey.as_bytes().as_slice());
+        if until.is_some_and(|u| ev.created_at <= *u) {
+            outcomes.push((i, Outcome::Vanished));
+        } else if deleted.contains(ev.id.as_bytes().as_slice()) {
+            outcomes.push((i, Outcome::Deleted));
+        } else {
+            insert.push(i);
+        }
+    }
+    if insert.is_empty() {
+        return Ok(outcomes);
+    }
+    let ids: Vec<&[u8]> = insert
+        .iter()
+        .map(|&i| batch[i].event.id.as_bytes().as_slice())
+        .collect();
+    let pubkeys: Vec<&[u8]> = insert
+        .iter()
+        .map(|&i| batch[i].event.pubkey.as_bytes().as_slice())
+        .collect();
+    let kinds: Vec<i32> = insert
+        .iter()
+        .map(|&i| i32::from(batch[i].event.kind.0))
+        .collect();
+    let created: Vec<i64> = insert.iter().map(|&i| batch[i].event.created_at).collect();
+    let expires: Vec<Option<i64>> = insert
+        .iter()
+        .map(|&i| batch[i].event.expiration())
+        .collect();
+    let search: Vec<String> = insert
+        .iter()
+        .map(|&i| batch[i].event.content.replace('\0', ""))
+        .collect();
+    let json: Vec<&str> = insert.iter().map(|&i| batch[i].json).collect();
+    let rows = tx
+        .query(
+            &tx.prepare_cached(INSERT_MANY).await?,
+            &[&ids, &pubkeys, &kinds, &created, &expires, &search, &json],
+        )
+        .await?;
+    let stored: std::collections::HashMap<Vec<u8>, i64> = rows
+        .into_iter()
+        .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, i64>(1)))
+        .collect();
+
+    let (mut t_seq, mut t_name, mut t_value, mut t_kind, mut t_created) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    // The same event twice in one batch: the first is stored, the second a duplicate.
+    let mut seen = std::collections::HashSet::new();
+    for &i in &insert {
+        let ev = batch[i].event;
+        match stored
+            .get(ev.id.as_bytes().as_slice())
+            .filter(|_| seen.insert(ev.id))
+        {
+            Some(&seq) => {
+                for (name, value) in indexed(ev) {
+                    t_seq.push(seq);
+                    t_name.push(name);
+                    t_value.push(value);
+                    t_kind.push(i32::from(ev.kind.0));
+                    t_created.push(ev.created_at);
+                }
+                outcomes.push((i, Outcome::Stored));
+            }
+            None => outcomes.push((i, Outcome::Duplicate)),
+        }
+    }
+    if !t_seq.is_empty() {
+        tx.execute(
+            &tx.prepare_cached(INSERT_TAGS_MANY).await?,
+            &[&t_seq, &t_name, &t_value, &t_kind, &t_created],
+        )
+        .await?;
+    }
     Ok(outcomes)
+}
+
+/// The tags indexed for `#x` queries: single-letter names with their first value, except
+/// values Postgres cannot hold (NUL) or index (longer than [`MAX_INDEXED_TAG_VALUE`]).
+fn indexed(event: &Event) -> impl Iterator<Item = (String, &str)> {
+    event
+        .indexed_tags()
+        .filter(|(_, v)| v.len() <= MAX_INDEXED_TAG_VALUE && !v.contains('\0'))
+        .map(|(n, v)| (n.to_string(), v))
 }
 
 async fn store_one(tx: &Transaction<'_>, pending: &Pending<'_>) -> Result<Outcome, StoreError> {
@@ -233,11 +396,7 @@ async fn store_one(tx: &Transaction<'_>, pending: &Pending<'_>) -> Result<Outcom
         tx.execute(&tx.prepare_cached(DELETE_TAGS).await?, &[&seq])
             .await?;
     }
-    let (names, values): (Vec<String>, Vec<&str>) = event
-        .indexed_tags()
-        .filter(|(_, v)| v.len() <= MAX_INDEXED_TAG_VALUE && !v.contains('\0'))
-        .map(|(n, v)| (n.to_string(), v))
-        .unzip();
+    let (names, values): (Vec<String>, Vec<&str>) = indexed(event).unzip();
     if !names.is_empty() {
         tx.execute(
             &tx.prepare_cached(INSERT_TAGS).await?,
