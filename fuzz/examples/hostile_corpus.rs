@@ -96,9 +96,18 @@ fn main() {
     c.put("unterminated-string.json", "[\"REQ\",\"s");
     c.put("single-quotes.json", "['REQ','s',{}]");
     c.put("trailing-comma.json", "[\"REQ\",\"s\",{},]");
-    c.put("trailing-garbage.json", "[\"REQ\",\"s\",{}] trailing garbage");
-    c.put("two-messages-in-one-frame.json", "[\"CLOSE\",\"a\"][\"CLOSE\",\"b\"]");
-    c.put("bom-at-start.json", "\u{FEFF}[\"REQ\",\"bom\",{\"limit\":0}]");
+    c.put(
+        "trailing-garbage.json",
+        "[\"REQ\",\"s\",{}] trailing garbage",
+    );
+    c.put(
+        "two-messages-in-one-frame.json",
+        "[\"CLOSE\",\"a\"][\"CLOSE\",\"b\"]",
+    );
+    c.put(
+        "bom-at-start.json",
+        "\u{FEFF}[\"REQ\",\"bom\",{\"limit\":0}]",
+    );
     c.put("nan-literal.json", "[\"REQ\",\"s\",{\"limit\":NaN}]");
     c.put("raw-nul-byte-in-string.txt", "[\"REQ\",\"s\u{0}\",{}]");
     c.put("raw-newline-in-string.txt", "[\"REQ\",\"line\nbreak\",{}]");
@@ -109,7 +118,10 @@ fn main() {
     c.put("verb-number.json", "[1,\"s\",{}]");
     c.put("verb-null.json", "[null]");
     c.put("verb-lowercase.json", "[\"req\",\"s\",{}]");
-    c.put("verb-unknown-10000-chars.json", format!("[\"{}\"]", "X".repeat(10_000)));
+    c.put(
+        "verb-unknown-10000-chars.json",
+        format!("[\"{}\"]", "X".repeat(10_000)),
+    );
     c.put(
         "deep-nesting-10000.json",
         format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)),
@@ -211,19 +223,49 @@ fn main() {
         "event-id-uppercase-hex.json",
         mutated(&base, "id", json!(base.id.to_hex().to_uppercase())),
     );
-    c.put("event-id-65-hex.json", mutated(&base, "id", json!("a".repeat(65))));
-    c.put("event-pubkey-number.json", mutated(&base, "pubkey", json!(1)));
-    c.put("event-tags-object.json", mutated(&base, "tags", json!({"e": "x"})));
-    c.put("event-tags-numbers.json", mutated(&base, "tags", json!([[1, 2]])));
+    c.put(
+        "event-id-65-hex.json",
+        mutated(&base, "id", json!("a".repeat(65))),
+    );
+    c.put(
+        "event-pubkey-number.json",
+        mutated(&base, "pubkey", json!(1)),
+    );
+    c.put(
+        "event-tags-object.json",
+        mutated(&base, "tags", json!({"e": "x"})),
+    );
+    c.put(
+        "event-tags-numbers.json",
+        mutated(&base, "tags", json!([[1, 2]])),
+    );
     c.put("event-tags-null.json", mutated(&base, "tags", Value::Null));
-    c.put("event-tag-empty-array.json", mutated(&base, "tags", json!([[]])));
+    c.put(
+        "event-tag-empty-array.json",
+        mutated(&base, "tags", json!([[]])),
+    );
     c.put("event-kind-string.json", mutated(&base, "kind", json!("1")));
-    c.put("event-kind-negative.json", mutated(&base, "kind", json!(-1)));
-    c.put("event-kind-65536.json", mutated(&base, "kind", json!(65536)));
+    c.put(
+        "event-kind-negative.json",
+        mutated(&base, "kind", json!(-1)),
+    );
+    c.put(
+        "event-kind-65536.json",
+        mutated(&base, "kind", json!(65536)),
+    );
     c.put("event-kind-float.json", mutated(&base, "kind", json!(1.0)));
-    c.put("event-created-at-float.json", raw_created_at(&base, "1700000000.5"));
-    c.put("event-created-at-negative.json", raw_created_at(&base, "-1"));
-    c.put("event-created-at-1e400.json", raw_created_at(&base, "1e400"));
+    c.put(
+        "event-created-at-float.json",
+        raw_created_at(&base, "1700000000.5"),
+    );
+    c.put(
+        "event-created-at-negative.json",
+        raw_created_at(&base, "-1"),
+    );
+    c.put(
+        "event-created-at-1e400.json",
+        raw_created_at(&base, "1e400"),
+    );
     c.put(
         "event-created-at-u64-overflow.json",
         raw_created_at(&base, "18446744073709551616"),
@@ -232,8 +274,14 @@ fn main() {
         "event-created-at-string.json",
         mutated(&base, "created_at", json!("1700000000")),
     );
-    c.put("event-content-number.json", mutated(&base, "content", json!(5)));
-    c.put("event-content-null.json", mutated(&base, "content", Value::Null));
+    c.put(
+        "event-content-number.json",
+        mutated(&base, "content", json!(5)),
+    );
+    c.put(
+        "event-content-null.json",
+        mutated(&base, "content", Value::Null),
+    );
     c.put("event-sig-short.json", mutated(&base, "sig", json!("ab")));
     c.put("event-missing-sig.json", without(&base, "sig"));
     c.put("event-missing-tags.json", without(&base, "tags"));
@@ -296,7 +344,11 @@ fn main() {
     // Over the limit, under twice the limit: NOTICE, the socket stays.
     c.put("event-content-just-above-message-limit.json", {
         let msg = event_msg(&k.sign(T, Kind(1), vec![], "a".repeat(524_000)));
-        assert!(msg.len() > 524_288 && msg.len() < 1_048_576, "{}", msg.len());
+        assert!(
+            msg.len() > 524_288 && msg.len() < 1_048_576,
+            "{}",
+            msg.len()
+        );
         msg
     });
     // A 1 MiB content: over twice the limit, the gateway closes the socket.
@@ -318,11 +370,7 @@ fn main() {
     // relay stores its own serialization, so only one survives.
     c.put("event-duplicate-keys.json", {
         let ev = k.sign(T + 4, Kind(1), vec![], "the signed content");
-        event_msg(&ev).replacen(
-            "\"content\":",
-            "\"content\":\"a decoy\",\"content\":",
-            1,
-        )
+        event_msg(&ev).replacen("\"content\":", "\"content\":\"a decoy\",\"content\":", 1)
     });
     c.put(
         "event-nul-in-content.json",
@@ -347,7 +395,12 @@ fn main() {
     );
     c.put(
         "event-tag-value-2kb.json",
-        event_msg(&k.sign(T + 9, Kind(1), tags(&[&["t", &"v".repeat(2048)]]), "long tag")),
+        event_msg(&k.sign(
+            T + 9,
+            Kind(1),
+            tags(&[&["t", &"v".repeat(2048)]]),
+            "long tag",
+        )),
     );
     c.put(
         "event-content-99999-emoji.json",
@@ -398,7 +451,10 @@ fn main() {
     );
     c.put("req-limit-negative.json", "[\"REQ\",\"s\",{\"limit\":-1}]");
     c.put("req-limit-float.json", "[\"REQ\",\"s\",{\"limit\":1.5}]");
-    c.put("req-kinds-negative.json", "[\"REQ\",\"s\",{\"kinds\":[-1]}]");
+    c.put(
+        "req-kinds-negative.json",
+        "[\"REQ\",\"s\",{\"kinds\":[-1]}]",
+    );
     c.put("req-kinds-string.json", "[\"REQ\",\"s\",{\"kinds\":\"1\"}]");
     c.put("req-since-1e400.json", "[\"REQ\",\"s\",{\"since\":1e400}]");
     c.put("req-since-float.json", "[\"REQ\",\"s\",{\"since\":1.5}]");
@@ -418,7 +474,16 @@ fn main() {
         "req-unknown-field-10000-chars.json",
         json!(["REQ", "s", {"F".repeat(10_000): 1}]).to_string(),
     );
-    c.put("req-tag-multi-letter.json", "[\"REQ\",\"s\",{\"#ee\":[\"x\"]}]");
+    // Clipped to 200 characters, each escaped by `{:?}` into six (`\u{7f}`): found by the
+    // filter fuzz target; the reply stays bounded, though longer than the clip.
+    c.put(
+        "req-unknown-field-10000-control-chars.json",
+        json!(["REQ", "s", {"\u{7f}".repeat(10_000): 1}]).to_string(),
+    );
+    c.put(
+        "req-tag-multi-letter.json",
+        "[\"REQ\",\"s\",{\"#ee\":[\"x\"]}]",
+    );
     c.put("req-ids-empty.json", "[\"REQ\",\"s\",{\"ids\":[]}]");
     c.put(
         "req-tag-value-nul.json",
@@ -433,7 +498,10 @@ fn main() {
     c.put("count-arity-1.json", "[\"COUNT\"]");
     c.put("count-arity-2.json", "[\"COUNT\",\"c\"]");
     c.put("count-sub-id-number.json", "[\"COUNT\",7,{}]");
-    c.put("count-bad-filter.json", "[\"COUNT\",\"c\",{\"kinds\":\"1\"}]");
+    c.put(
+        "count-bad-filter.json",
+        "[\"COUNT\",\"c\",{\"kinds\":\"1\"}]",
+    );
     c.put(
         "count-1000-filters.json",
         format!("[\"COUNT\",\"c\",{}]", repeat_join("{}", 1000, ",")),
@@ -445,24 +513,45 @@ fn main() {
     c.put("close-arity-3.json", "[\"CLOSE\",\"s\",\"extra\"]");
     c.put("close-sub-id-number.json", "[\"CLOSE\",1]");
     c.put("close-sub-id-object.json", "[\"CLOSE\",{}]");
-    c.put("close-sub-id-65-chars.json", json!(["CLOSE", "c".repeat(65)]).to_string());
+    c.put(
+        "close-sub-id-65-chars.json",
+        json!(["CLOSE", "c".repeat(65)]).to_string(),
+    );
     c.put("close-unknown-sub.json", "[\"CLOSE\",\"never-opened\"]");
 
     // ---- AUTH ----
     let auth = k.sign(
         T,
         Kind(22242),
-        tags(&[&["relay", "ws://127.0.0.1"], &["challenge", "not-the-challenge"]]),
+        tags(&[
+            &["relay", "ws://127.0.0.1"],
+            &["challenge", "not-the-challenge"],
+        ]),
         "",
     );
     c.put("auth-arity-1.json", "[\"AUTH\"]");
-    c.put("auth-arity-3.json", format!("[\"AUTH\",{},\"x\"]", auth.to_json()));
-    c.put("auth-string-not-event.json", "[\"AUTH\",\"challenge-string\"]");
-    c.put("auth-malformed-event.json", mutated(&auth, "kind", json!("22242")).replacen("EVENT", "AUTH", 1));
-    c.put("auth-wrong-challenge.json", format!("[\"AUTH\",{}]", auth.to_json()));
+    c.put(
+        "auth-arity-3.json",
+        format!("[\"AUTH\",{},\"x\"]", auth.to_json()),
+    );
+    c.put(
+        "auth-string-not-event.json",
+        "[\"AUTH\",\"challenge-string\"]",
+    );
+    c.put(
+        "auth-malformed-event.json",
+        mutated(&auth, "kind", json!("22242")).replacen("EVENT", "AUTH", 1),
+    );
+    c.put(
+        "auth-wrong-challenge.json",
+        format!("[\"AUTH\",{}]", auth.to_json()),
+    );
     c.put(
         "auth-kind-1.json",
-        format!("[\"AUTH\",{}]", k.sign(T, Kind(1), vec![], "not auth").to_json()),
+        format!(
+            "[\"AUTH\",{}]",
+            k.sign(T, Kind(1), vec![], "not auth").to_json()
+        ),
     );
 
     println!("wrote {} files to {}", c.count, c.dir.display());

@@ -16,9 +16,18 @@ fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     match ClientMessage::parse(&text) {
         Ok(ClientMessage::Event(event) | ClientMessage::Auth(event)) => common::check_event(&event),
-        Ok(ClientMessage::Req { sub_id, filters } | ClientMessage::Count { query_id: sub_id, filters }) => {
+        Ok(
+            ClientMessage::Req { sub_id, filters }
+            | ClientMessage::Count {
+                query_id: sub_id,
+                filters,
+            },
+        ) => {
             let chars = sub_id.as_str().chars().count();
-            assert!((1..=64).contains(&chars), "sub id of {chars} characters accepted");
+            assert!(
+                (1..=64).contains(&chars),
+                "sub id of {chars} characters accepted"
+            );
             assert!(!filters.is_empty(), "REQ/COUNT without filters accepted");
             for filter in &filters {
                 let json = serde_json::to_value(filter).expect("filter serializes");
@@ -28,7 +37,10 @@ fuzz_target!(|data: &[u8]| {
         }
         Ok(ClientMessage::Close(sub_id)) => {
             let chars = sub_id.as_str().chars().count();
-            assert!((1..=64).contains(&chars), "sub id of {chars} characters accepted");
+            assert!(
+                (1..=64).contains(&chars),
+                "sub id of {chars} characters accepted"
+            );
         }
         Err(err) => {
             let prefix = err.prefix();
@@ -36,7 +48,16 @@ fuzz_target!(|data: &[u8]| {
                 matches!(prefix, "invalid" | "unsupported"),
                 "unexpected prefix {prefix:?} for {err:?}"
             );
-            assert!(err.reason().starts_with(&format!("{prefix}: ")));
+            let reason = err.reason();
+            assert!(reason.starts_with(&format!("{prefix}: ")));
+            // Refusals never echo a large input back: details are clipped to
+            // MAX_ERROR_DETAIL characters, and `{:?}` escaping may make each up to 10
+            // (`\u{10ffff}`).
+            let chars = reason.chars().count();
+            assert!(
+                chars <= 10 * shared::event::MAX_ERROR_DETAIL + 100,
+                "a {chars}-character reason: {reason}"
+            );
         }
     }
 });

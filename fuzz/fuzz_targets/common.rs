@@ -58,7 +58,9 @@ fn decode_canonical(s: &str) -> Option<Canonical> {
     r.eat("],")?;
     let content = r.string()?;
     r.eat("]")?;
-    r.rest.is_empty().then_some((pubkey, created_at, kind, tags, content))
+    r.rest
+        .is_empty()
+        .then_some((pubkey, created_at, kind, tags, content))
 }
 
 struct Reader<'a> {

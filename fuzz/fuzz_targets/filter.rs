@@ -40,8 +40,19 @@ fn events() -> &'static [Event] {
 }
 
 fn check(value: &Value) {
-    let Ok(filter) = Filter::from_value(value) else {
-        return;
+    let filter = match Filter::from_value(value) {
+        Ok(filter) => filter,
+        Err(err) => {
+            // Refusals never echo a large input back: details are clipped to
+            // MAX_ERROR_DETAIL characters, and `{:?}` escaping may make each up to 10
+            // (`\u{10ffff}`).
+            let chars = err.to_string().chars().count();
+            assert!(
+                chars <= 10 * shared::event::MAX_ERROR_DETAIL + 100,
+                "a {chars}-character refusal: {err}"
+            );
+            return;
+        }
     };
     let text = serde_json::to_string(&filter).expect("filter serializes");
     let back: Filter = serde_json::from_str(&text)

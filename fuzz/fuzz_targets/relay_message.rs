@@ -23,7 +23,10 @@ fuzz_target!(|data: &[u8]| {
             common::check_event(&event);
             if let Ok(sub) = SubId::new(sub_id.clone()) {
                 match RelayMessage::parse(&event_frame(&sub, &event.to_json())) {
-                    Some(RelayMessage::Event { sub_id: s, event: e }) => {
+                    Some(RelayMessage::Event {
+                        sub_id: s,
+                        event: e,
+                    }) => {
                         assert_eq!(s, sub_id);
                         assert_eq!(e, event);
                     }

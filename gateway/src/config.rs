@@ -1,7 +1,7 @@
 //! The gateway's configuration: flags or `RELAY_*` environment variables.
 
 use shared::config::{BusConfig, LogConfig, PublicUrl, QueryLimits};
-use shared::event::Kind;
+use shared::event::{Kind, PubKey};
 use shared::telemetry::OtelConfig;
 
 /// Everything the gateway can be told.
@@ -31,6 +31,8 @@ pub struct Config {
     pub rate: RateLimits,
     #[command(flatten)]
     pub info: RelayInfo,
+    #[command(flatten)]
+    pub admin: AdminApi,
     #[command(flatten)]
     pub log: LogConfig,
     #[command(flatten)]
@@ -74,6 +76,14 @@ pub struct Limits {
     /// in milliseconds.
     #[arg(long, env = "RELAY_REPLY_TIMEOUT_MS", default_value_t = 10_000)]
     pub reply_timeout_ms: u64,
+    /// Open NIP-77 negentropy sessions per connection (a namespace apart from `REQ`
+    /// subscriptions); a `NEG-OPEN` for one more gets `NEG-ERR rate-limited:`.
+    #[arg(long, env = "RELAY_MAX_NEG_SESSIONS", default_value_t = 8)]
+    pub max_neg_sessions: usize,
+    /// How long a negentropy session may wait for the client's next `NEG-MSG` before it is
+    /// ended with `NEG-ERR closed:`, in seconds.
+    #[arg(long, env = "RELAY_NEG_IDLE_SECS", default_value_t = 60)]
+    pub neg_idle_secs: u64,
     /// On shutdown, how long to wait for connections to close before exiting, in seconds.
     #[arg(long, env = "RELAY_DRAIN_SECS", default_value_t = 10)]
     pub drain_secs: u64,
@@ -181,10 +191,36 @@ pub struct RelayInfo {
     pub relay_icon: Option<String>,
 }
 
+/// Who may use the NIP-86 management API (`POST /`, NIP-98 authorization).
+#[derive(clap::Args, Debug, Clone)]
+pub struct AdminApi {
+    /// Hex pubkeys allowed to manage the relay, comma-separated; empty: the API refuses
+    /// everyone (401 without valid authorization, 403 with it).
+    #[arg(long, env = "RELAY_ADMIN_PUBKEYS", default_value = "")]
+    pub admin_pubkeys: String,
+}
+
+impl AdminApi {
+    /// The admin pubkeys, parsed.
+    pub fn admins(&self) -> Result<Vec<PubKey>, String> {
+        self.admin_pubkeys
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                PubKey::from_hex(s).map_err(|_| {
+                    format!("RELAY_ADMIN_PUBKEYS: {s:?} is not a 64-character lowercase hex pubkey")
+                })
+            })
+            .collect()
+    }
+}
+
 impl Config {
     /// Checks settings that clap cannot; call before opening any socket.
     pub fn validate(&self) -> Result<(), String> {
         self.auth.restricted()?;
+        self.admin.admins()?;
         if self.limits.max_subid_length == 0 {
             return Err("RELAY_MAX_SUBID_LENGTH must be at least 1".into());
         }

@@ -1,5 +1,6 @@
 //! HTTP routes: `GET /` (WebSocket upgrade, or the NIP-11 document on
-//! `Accept: application/nostr+json`), `/healthz` and `/readyz`.
+//! `Accept: application/nostr+json`), `POST /` (the NIP-86 management API, [`crate::admin`]),
+//! `/healthz` and `/readyz`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,7 +26,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .allow_headers(Any)
         .allow_methods(Any);
     Router::new()
-        .route("/", get(root))
+        .route("/", get(root).post(crate::admin::rpc))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -40,6 +41,14 @@ async fn root(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     if let Ok(upgrade) = upgrade {
+        let ip = client_ip(&state, peer, &headers);
+        if state.moderation.get().blocks_ip(ip) {
+            return (
+                StatusCode::FORBIDDEN,
+                "blocked: this address may not connect",
+            )
+                .into_response();
+        }
         let limits = &state.config.limits;
         if state.registry.connections() >= limits.max_connections || *state.stopping.borrow() {
             return (
@@ -51,7 +60,7 @@ async fn root(
         // Past max_message_bytes a message gets a NOTICE; past twice that, the socket closes.
         let hard_max = limits.max_message_bytes.saturating_mul(2);
         let peer = session::Peer {
-            ip: client_ip(&state, peer, &headers),
+            ip,
             relay_host: state.relay_host.clone().unwrap_or_else(|| {
                 let host = headers
                     .get(header::HOST)
@@ -104,13 +113,14 @@ fn client_ip(state: &AppState, peer: SocketAddr, headers: &HeaderMap) -> std::ne
 }
 
 /// The NIPs this relay implements, all working through the whole cluster.
-pub const SUPPORTED_NIPS: &[u32] = &[1, 9, 11, 13, 40, 42, 45, 50, 62, 70];
+pub const SUPPORTED_NIPS: &[u32] = &[1, 9, 11, 13, 40, 42, 45, 50, 62, 70, 77, 86];
 
 /// The NIP-11 relay information document; the `limitation` block shows the limits this
 /// gateway enforces.
 pub fn relay_info(state: &AppState) -> serde_json::Value {
     let c = &state.config;
     let info = &c.info;
+    let moderation = state.moderation.get();
     let mut limitation = serde_json::json!({
         "max_message_length": c.limits.max_message_bytes,
         "max_subscriptions": c.limits.max_subscriptions,
@@ -130,8 +140,8 @@ pub fn relay_info(state: &AppState) -> serde_json::Value {
         limitation["created_at_lower_limit"] = c.event_limits.created_at_lower_limit.into();
     }
     let mut doc = serde_json::json!({
-        "name": info.relay_name,
-        "description": info.relay_description,
+        "name": moderation.name.as_ref().unwrap_or(&info.relay_name),
+        "description": moderation.description.as_ref().unwrap_or(&info.relay_description),
         "software": "https://github.com/nostr-relay-cluster/relay",
         "version": env!("CARGO_PKG_VERSION"),
         "supported_nips": SUPPORTED_NIPS,
@@ -140,7 +150,10 @@ pub fn relay_info(state: &AppState) -> serde_json::Value {
     for (key, value) in [
         ("pubkey", &info.relay_pubkey),
         ("contact", &info.relay_contact),
-        ("icon", &info.relay_icon),
+        (
+            "icon",
+            &moderation.icon.clone().or_else(|| info.relay_icon.clone()),
+        ),
     ] {
         if let Some(v) = value {
             doc[key] = serde_json::Value::String(v.clone());

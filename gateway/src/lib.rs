@@ -8,10 +8,12 @@
 //! - [`http`]: the routes: WebSocket upgrade, NIP-11, `/healthz`, `/readyz`.
 //! - [`policy`]: what an event, `REQ` or `COUNT` must satisfy before it goes on the bus.
 //! - [`ratelimit`]: cluster-wide rate limits, counted in Redis.
+//! - [`admin`]: the NIP-86 management API (`POST /`), authorized by NIP-98.
 //!
 //! **Invariant:** the gateway holds no durable state; any gateway can die and its clients
 //! reconnect to another.
 
+pub mod admin;
 pub mod cmd;
 pub mod config;
 pub mod http;
@@ -36,6 +38,11 @@ use tokio::sync::watch;
 pub use config::Config;
 use registry::{LivePolicy, Registry, RegistryLimits};
 use shared::event::Kind;
+use shared::moderation::Current as Moderation;
+
+/// How often the moderation snapshot's version is checked, in case a notification was
+/// missed.
+const MODERATION_POLL: Duration = Duration::from_secs(3);
 
 /// What every request handler and session shares.
 pub struct AppState {
@@ -59,6 +66,10 @@ pub struct AppState {
     pub relay_host: Option<String>,
     /// Renders `/metrics`.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// The moderation state (NIP-86), followed from Redis.
+    pub moderation: Moderation,
+    /// The management API's admins and pending changes.
+    pub admin: admin::Admin,
     next_id: AtomicU64,
 }
 
@@ -91,6 +102,7 @@ pub async fn run(
     let gateway = GatewayId::random();
     tracing::info!(%gateway, public_url = ?config.public.public_url, "gateway ready");
     let restricted_kinds = config.auth.restricted().map_err(anyhow::Error::msg)?;
+    let admins = config.admin.admins().map_err(anyhow::Error::msg)?;
     let relay_host = config
         .public
         .public_url
@@ -112,8 +124,17 @@ pub async fn run(
         restricted_kinds,
         relay_host,
         metrics,
+        moderation: Moderation::default(),
+        admin: admin::Admin::new(admins),
         next_id: AtomicU64::new(1),
     });
+    let moderation = tokio::spawn(shared::moderation::follow(
+        state.moderation.clone(),
+        state.config.bus.redis_url.clone(),
+        state.bus.clone(),
+        MODERATION_POLL,
+    ));
+    let admin_replies = tokio::spawn(admin::replies(Arc::clone(&state), stop_rx.clone()));
     let subscriber = tokio::spawn(pubsub::run(Arc::clone(&state), stop_rx.clone()));
     let expirer = tokio::spawn(expire_loop(Arc::clone(&state), stop_rx));
 
@@ -140,6 +161,8 @@ pub async fn run(
     }
     subscriber.abort();
     expirer.abort();
+    moderation.abort();
+    admin_replies.abort();
     tracing::info!("gateway stopped");
     Ok(())
 }

@@ -11,12 +11,15 @@ use crate::session::Session;
 pub const AUTH_KIND: Kind = Kind(22242);
 
 /// Checks an event against the configured limits and policies (NIP-01 limits, NIP-13,
-/// NIP-40, NIP-42 write policy, NIP-70).
+/// NIP-40, NIP-42 write policy, NIP-70, NIP-86 bans and allow lists).
 pub fn check_event(session: &Session, event: &Event) -> Result<(), String> {
     let c = &session.state.config;
     let limits = &c.event_limits;
     if event.kind == AUTH_KIND {
         return Err("invalid: kind 22242 is for AUTH messages and is never published".into());
+    }
+    if let Some(reason) = session.state.moderation.get().refuses(event) {
+        return Err(reason);
     }
     if event.tags.len() > limits.max_event_tags {
         return Err(format!(

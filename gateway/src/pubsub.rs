@@ -137,6 +137,12 @@ fn dispatch(state: &AppState, is_live: bool, payload: &[u8]) {
             };
             state.registry.count(conn, &query_id, frame);
         }
+        Ok(GatewayReply::Neg {
+            conn,
+            req,
+            sub_id,
+            result,
+        }) => state.registry.neg_reply(conn, req, &sub_id, result),
         Ok(GatewayReply::Closed {
             conn,
             req,

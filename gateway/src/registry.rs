@@ -16,10 +16,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::Message;
-use shared::bus::{ConnId, ReqId, StoredEvent};
+use shared::bus::{ConnId, ReqId, StoredEvent, Viewer};
 use shared::event::{Event, EventId, Kind, PubKey};
 use shared::filter::Filter;
-use shared::message::{SubId, closed_frame, eose_frame, event_frame};
+use shared::message::{
+    NegMessage, SubId, closed_frame, eose_frame, event_frame, neg_err_frame, neg_msg_frame,
+};
 use tokio::sync::{Notify, mpsc};
 
 /// A live event, parsed once per gateway and shared by every subscription it goes to.
@@ -67,6 +69,24 @@ struct Conn {
     pending_ok: HashMap<EventId, VecDeque<Instant>>,
     /// `COUNT`s sent to the bus and not answered yet.
     pending_count: HashMap<SubId, Instant>,
+    /// NIP-77 negentropy sessions, by their own ids (not `REQ` ids).
+    neg: HashMap<SubId, NegSession>,
+}
+
+/// A NIP-77 negentropy session. The query workers keep nothing between rounds, so the
+/// gateway holds what every round is answered against: the filter and the viewer as they
+/// were at `NEG-OPEN` (a later AUTH does not change the set mid-reconciliation).
+struct NegSession {
+    filter: Filter,
+    viewer: Viewer,
+    /// The round in flight, or the last one answered; replies for any other are dropped.
+    req: ReqId,
+    /// While a round is in flight: when to give up with `NEG-ERR error:`.
+    deadline: Option<Instant>,
+    /// Between rounds: when to end the session with `NEG-ERR closed:`.
+    idle_at: Instant,
+    /// How long the client may take between rounds.
+    idle: Duration,
 }
 
 /// The index keys of a subscription: each filter is filed under its most selective
@@ -201,6 +221,7 @@ impl Registry {
                 authed: Vec::new(),
                 pending_ok: HashMap::new(),
                 pending_count: HashMap::new(),
+                neg: HashMap::new(),
             },
         );
     }
@@ -405,8 +426,96 @@ impl Registry {
         }
     }
 
+    /// Opens (or replaces) a negentropy session whose first round, `req`, is about to go to
+    /// the bus. Refused with the number open when `max` are open and `sub_id` is not one.
+    #[allow(clippy::too_many_arguments)]
+    pub fn neg_open(
+        &self,
+        conn: ConnId,
+        sub_id: SubId,
+        filter: Filter,
+        viewer: Viewer,
+        req: ReqId,
+        max: usize,
+        idle: Duration,
+    ) -> Result<(), usize> {
+        let now = Instant::now();
+        let deadline = now + self.limits.reply_timeout;
+        let mut inner = self.lock();
+        let Some(c) = inner.conns.get_mut(&conn) else {
+            return Ok(());
+        };
+        if c.neg.len() >= max && !c.neg.contains_key(&sub_id) {
+            return Err(c.neg.len());
+        }
+        c.neg.insert(
+            sub_id,
+            NegSession {
+                filter,
+                viewer,
+                req,
+                deadline: Some(deadline),
+                idle_at: now + idle,
+                idle,
+            },
+        );
+        Ok(())
+    }
+
+    /// Starts round `req` of a negentropy session: its filter and viewer, or `None` when the
+    /// connection holds no session with this id.
+    pub fn neg_round(&self, conn: ConnId, sub_id: &SubId, req: ReqId) -> Option<(Filter, Viewer)> {
+        let deadline = Instant::now() + self.limits.reply_timeout;
+        let mut inner = self.lock();
+        let neg = inner.conns.get_mut(&conn)?.neg.get_mut(sub_id)?;
+        neg.req = req;
+        neg.deadline = Some(deadline);
+        Some((neg.filter.clone(), neg.viewer.clone()))
+    }
+
+    /// Delivers a round's answer if `req` is the round awaited: `NEG-MSG` (the session waits
+    /// for the client again) or `NEG-ERR` (the session ends).
+    pub fn neg_reply(
+        &self,
+        conn: ConnId,
+        req: ReqId,
+        sub_id: &SubId,
+        result: Result<NegMessage, String>,
+    ) {
+        let mut inner = self.lock();
+        let Some(c) = inner.conns.get_mut(&conn) else {
+            return;
+        };
+        let Some(neg) = c
+            .neg
+            .get_mut(sub_id)
+            .filter(|n| n.req == req && n.deadline.is_some())
+        else {
+            return;
+        };
+        match result {
+            Ok(message) => {
+                neg.deadline = None;
+                neg.idle_at = Instant::now() + neg.idle;
+                push(conn, &c.handle, neg_msg_frame(sub_id, &message));
+            }
+            Err(reason) => {
+                c.neg.remove(sub_id);
+                push(conn, &c.handle, neg_err_frame(sub_id, &reason));
+            }
+        }
+    }
+
+    /// Ends a negentropy session (client `NEG-CLOSE`); unknown ids are ignored.
+    pub fn neg_close(&self, conn: ConnId, sub_id: &SubId) {
+        if let Some(c) = self.lock().conns.get_mut(&conn) {
+            c.neg.remove(sub_id);
+        }
+    }
+
     /// Answers everything whose worker did not answer in time: `OK false error:` for
-    /// events, `CLOSED error:` for REQs (the subscription ends) and COUNTs.
+    /// events, `CLOSED error:` for REQs (the subscription ends) and COUNTs, `NEG-ERR error:`
+    /// for negentropy rounds; and ends idle negentropy sessions with `NEG-ERR closed:`.
     pub fn expire(&self, now: Instant) {
         let mut inner = self.lock();
         let mut unindex = Vec::new();
@@ -442,6 +551,7 @@ impl Registry {
                     closed_frame(&q, "error: the relay could not count in time; try again"),
                 );
             }
+            expire_neg(conn, c, now);
             let stale: Vec<SubId> = c
                 .subs
                 .iter()
@@ -545,6 +655,23 @@ impl Registry {
             );
         }
         delivered
+    }
+}
+
+/// Ends a connection's negentropy sessions whose round is overdue or whose client went quiet.
+fn expire_neg(conn: ConnId, c: &mut Conn, now: Instant) {
+    let mut ended = Vec::new();
+    c.neg.retain(|sub_id, neg| {
+        let reason = match neg.deadline {
+            Some(d) if d <= now => "error: the relay could not reconcile in time; try again",
+            None if neg.idle_at <= now => "closed: no NEG-MSG for too long; send NEG-OPEN again",
+            _ => return true,
+        };
+        ended.push(neg_err_frame(sub_id, reason));
+        false
+    });
+    for frame in ended {
+        push(conn, &c.handle, frame);
     }
 }
 
@@ -697,6 +824,53 @@ mod tests {
         reg.stored(ConnId(1), ReqId(1), &sub, vec![], true);
         assert!(texts(&mut rx).is_empty(), "late answers are dropped");
         assert_eq!(reg.subscriptions(ConnId(1)), 0);
+    }
+
+    #[test]
+    fn negentropy_rounds_time_out_idle_sessions_close_and_stale_answers_drop() {
+        let (reg, mut rx) = registry();
+        let sub = SubId::new("n").expect("valid");
+        let open = |req, max| {
+            reg.neg_open(
+                ConnId(1),
+                sub.clone(),
+                filter(serde_json::json!({})),
+                Viewer::default(),
+                ReqId(req),
+                max,
+                Duration::from_secs(60),
+            )
+        };
+        assert_eq!(open(1, 0), Err(0), "the limit counts");
+        assert_eq!(open(1, 1), Ok(()));
+        assert_eq!(open(2, 1), Ok(()), "replacing is not one more");
+        let answer = NegMessage::from_hex("61").expect("hex");
+        reg.neg_reply(ConnId(1), ReqId(1), &sub, Ok(answer.clone()));
+        assert!(
+            texts(&mut rx).is_empty(),
+            "the replaced round's answer is dropped"
+        );
+        reg.neg_reply(ConnId(1), ReqId(2), &sub, Ok(answer.clone()));
+        assert_eq!(texts(&mut rx), vec!["[\"NEG-MSG\",\"n\",\"61\"]"]);
+        assert!(reg.neg_round(ConnId(1), &sub, ReqId(3)).is_some());
+        reg.expire(Instant::now() + Duration::from_secs(6));
+        let got = texts(&mut rx);
+        assert!(got[0].starts_with("[\"NEG-ERR\",\"n\",\"error:"), "{got:?}");
+        reg.neg_reply(ConnId(1), ReqId(3), &sub, Ok(answer.clone()));
+        assert!(texts(&mut rx).is_empty(), "late answers are dropped");
+        assert!(reg.neg_round(ConnId(1), &sub, ReqId(4)).is_none());
+
+        assert_eq!(open(5, 1), Ok(()));
+        reg.neg_reply(ConnId(1), ReqId(5), &sub, Ok(answer));
+        texts(&mut rx);
+        reg.expire(Instant::now() + Duration::from_secs(30));
+        assert!(texts(&mut rx).is_empty(), "not idle yet");
+        reg.expire(Instant::now() + Duration::from_secs(61));
+        let got = texts(&mut rx);
+        assert!(
+            got[0].starts_with("[\"NEG-ERR\",\"n\",\"closed:"),
+            "{got:?}"
+        );
     }
 
     #[test]

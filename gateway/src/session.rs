@@ -127,6 +127,7 @@ pub async fn run(state: Arc<AppState>, socket: WebSocket, peer: Peer) {
     session.send(auth_frame(&session.challenge));
     let max_message = state.config.limits.max_message_bytes;
     let mut stopping = state.stopping.clone();
+    let mut moderation = state.moderation.subscribe();
     let mut received: u64 = 0;
     let close = loop {
         tokio::select! {
@@ -135,6 +136,11 @@ pub async fn run(state: Arc<AppState>, socket: WebSocket, peer: Peer) {
                 break Some((close_code::POLICY, "too slow: send queue full"));
             }
             _ = crate::stopped(&mut stopping) => break Some((close_code::AWAY, "relay shutting down")),
+            Ok(()) = moderation.changed() => {
+                if moderation.borrow_and_update().blocks_ip(peer.ip) {
+                    break Some((close_code::POLICY, "blocked: this address may not connect"));
+                }
+            }
             msg = stream.next() => match msg {
                 Some(Ok(Message::Text(text))) if text.len() > max_message => {
                     received += 1;

@@ -9,8 +9,9 @@ use shared::bus::{
 use shared::config::relay_host;
 use shared::event::{Event, EventId, Kind, KindClass};
 use shared::message::raw_json;
+use shared::moderation::{self, Current, is_admin_entry};
 use shared::worker::{Context, Handler};
-use tracing::{Instrument, field::Empty, info_span};
+use tracing::{Instrument, info_span};
 
 use crate::write::{self, Outcome, Pending};
 
@@ -19,7 +20,14 @@ pub struct Ingest {
     /// This relay's host, for NIP-62 requests addressed to it.
     relay_host: Option<String>,
     purge_every: std::time::Duration,
+    /// The moderation state (NIP-86), followed from Redis.
+    moderation: Current,
+    redis_url: String,
 }
+
+/// How often the moderation snapshot's version is checked, in case a notification was
+/// missed.
+const MODERATION_POLL: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Most expired events deleted by one purge statement.
 const PURGE_BATCH: i64 = 10_000;
@@ -30,6 +38,8 @@ impl Ingest {
         Ingest {
             relay_host: config.public.public_url.as_deref().map(relay_host),
             purge_every: std::time::Duration::from_secs(config.expiry_purge_secs),
+            moderation: Current::default(),
+            redis_url: config.bus.redis_url.clone(),
         }
     }
 
@@ -75,14 +85,37 @@ struct Item {
 
 impl Handler for Ingest {
     fn start(&mut self, ctx: &Context) {
+        tokio::spawn(crate::admin::rebuild_snapshot(
+            ctx.clone(),
+            self.moderation.clone(),
+        ));
+        tokio::spawn(moderation::follow(
+            self.moderation.clone(),
+            self.redis_url.clone(),
+            ctx.bus.clone(),
+            MODERATION_POLL,
+        ));
         if !self.purge_every.is_zero() {
             tokio::spawn(purge_loop(ctx.db.clone(), self.purge_every));
         }
     }
 
     async fn handle(&mut self, ctx: &Context, entries: &[Entry]) {
-        let items = verify_all(decode_all(entries)).await;
+        crate::admin::handle(ctx, &self.moderation, entries).await;
+        let mut items = verify_all(decode_all(entries)).await;
         let mut replies = Replies::default();
+        let moderation = self.moderation.get();
+        items.retain(|item| {
+            let refused = item
+                .event
+                .as_ref()
+                .ok()
+                .and_then(|ev| moderation.refuses(ev));
+            let Some(reason) = refused else { return true };
+            metrics::counter!("nostr_ingest_events_total", "outcome" => "blocked").increment(1);
+            replies.ok(ctx, item, false, reason);
+            false
+        });
 
         let storable: Vec<(usize, String)> = items
             .iter()
@@ -179,25 +212,12 @@ impl Handler for Ingest {
 fn decode_all(entries: &[Entry]) -> Vec<(GatewayId, ConnId, String, tracing::Span)> {
     entries
         .iter()
+        .filter(|entry| !entry.payload.as_deref().is_some_and(is_admin_entry))
         .filter_map(|entry| {
             let decoded = entry.payload.as_deref().map(bus::decode::<IngestRequest>);
             match decoded {
                 Some(Ok(req)) => {
-                    let span = info_span!(
-                        "process",
-                        otel.name = %format!("process {}", entry.stream),
-                        otel.kind = "consumer",
-                        messaging.system = "redis",
-                        messaging.operation.type = "process",
-                        messaging.destination.name = %entry.stream,
-                        messaging.consumer.group.name = shared::bus::INGEST_GROUP,
-                        messaging.message.id = %entry.id,
-                        nostr.event.id = Empty,
-                        nostr.event.kind = Empty,
-                        nostr.outcome = Empty,
-                        trace_id = Empty,
-                    );
-                    req.trace.parent(&span);
+                    let span = shared::worker::process_span(entry, shared::bus::INGEST_GROUP, &req.trace);
                     Some((req.gateway, req.conn, req.event.get().to_owned(), span))
                 }
                 Some(Err(e)) => {

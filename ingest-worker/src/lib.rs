@@ -5,11 +5,16 @@
 //! `OK` to each originating gateway and publish every stored or ephemeral event on the live
 //! channel. The shared loop ([`shared::worker`]) acknowledges the batch afterwards.
 //!
+//! Management changes (NIP-86) arrive on ingest shard 0 and are applied by [`admin`]; events
+//! refused by the moderation state are answered `blocked:` before anything is written.
+//!
 //! **Invariant:** `OK true` for a stored kind is sent only after the transaction holding the
 //! event committed; ephemeral events are never written.
 
+mod admin;
+pub mod admin_cli;
 mod ingest;
-mod write;
+pub mod write;
 
 use std::future::Future;
 

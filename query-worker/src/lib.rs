@@ -4,8 +4,10 @@
 //! query ([`sql`]), the results are merged (ORed, duplicates removed), ordered newest first
 //! with ties by lowest id (by relevance for NIP-50 searches), and streamed back to the
 //! gateway in chunks, the last one marked end-of-stored-events. A `COUNT` (NIP-45) becomes
-//! one `count(*)` over the ORed filters.
+//! one `count(*)` over the ORed filters. A negentropy round (NIP-77) loads the filter's
+//! `(created_at, id)` items and answers as the stateless responder (`neg.rs`).
 
+mod neg;
 mod query;
 
 use std::future::Future;
@@ -45,6 +47,10 @@ pub struct QueryConfig {
     /// Events per reply message to the gateway; bounds the size of one pub/sub message.
     #[arg(long, env = "RELAY_REPLY_CHUNK", default_value_t = 200)]
     pub reply_chunk: usize,
+    /// The most events one NIP-77 negentropy reconciliation may cover; a filter matching
+    /// more is answered `NEG-ERR blocked: this query is too big`.
+    #[arg(long, env = "RELAY_NEG_MAX_ITEMS", default_value_t = 500_000)]
+    pub neg_max_items: u64,
 }
 
 /// Runs until `shutdown` completes; `metrics` is served on the worker's HTTP port.

@@ -12,7 +12,7 @@ use shared::event::EventId;
 use shared::message::raw_json;
 use shared::store::StoreError;
 use shared::worker::{Context, Handler};
-use tracing::{Instrument, field::Empty, info_span};
+use tracing::{Instrument, info_span};
 
 use crate::QueryConfig;
 use shared::sql::{count_query, events_query};
@@ -41,21 +41,13 @@ impl Handler for Query {
         let requests = entries.iter().filter_map(|entry| {
             match entry.payload.as_deref().map(bus::decode::<QueryRequest>) {
                 Some(Ok(req)) => {
-                    let span = info_span!(
-                        "process",
-                        otel.name = %format!("process {}", entry.stream),
-                        otel.kind = "consumer",
-                        messaging.system = "redis",
-                        messaging.operation.type = "process",
-                        messaging.destination.name = %entry.stream,
-                        messaging.consumer.group.name = shared::bus::QUERY_GROUP,
-                        messaging.message.id = %entry.id,
-                        nostr.subscription.id = %req.sub_id,
-                        nostr.query.kind = ?req.kind,
-                        nostr.results = Empty,
-                        trace_id = Empty,
+                    let span =
+                        shared::worker::process_span(entry, shared::bus::QUERY_GROUP, &req.trace);
+                    span.record(
+                        "nostr.subscription.id",
+                        tracing::field::display(&req.sub_id),
                     );
-                    req.trace.parent(&span);
+                    span.record("nostr.query.kind", req.kind.name());
                     Some((req, span))
                 }
                 _ => {
@@ -77,7 +69,7 @@ impl Query {
         let channel = ctx.bus.gateway_channel(&req.gateway);
         let mut redis = ctx.redis.clone();
         let started = Instant::now();
-        let messages: Vec<String> = match req.kind {
+        let messages: Vec<String> = match &req.kind {
             QueryKind::Events => match self.run_filters(&ctx.db, &req).await {
                 Ok(rows) => {
                     tracing::Span::current().record("nostr.results", rows.len());
@@ -104,11 +96,23 @@ impl Query {
                     result,
                 })]
             }
+            QueryKind::Negentropy { message } => {
+                let result = match req.filters.first() {
+                    Some(filter) => {
+                        let max = self.config.neg_max_items;
+                        crate::neg::reconcile(&ctx.db, filter, &req.viewer, message, max).await
+                    }
+                    None => Err("invalid: NEG-OPEN needs one filter".to_owned()),
+                };
+                vec![bus::encode(&GatewayReply::Neg {
+                    conn: req.conn,
+                    req: req.req,
+                    sub_id: req.sub_id.clone(),
+                    result,
+                })]
+            }
         };
-        let kind = match req.kind {
-            QueryKind::Events => "req",
-            QueryKind::Count => "count",
-        };
+        let kind = req.kind.name();
         metrics::histogram!("nostr_query_seconds", "kind" => kind)
             .record(started.elapsed().as_secs_f64());
         metrics::counter!("nostr_query_requests_total", "kind" => kind).increment(1);

@@ -8,6 +8,9 @@
 //! <prefix>:live             channel  ingest workers → gateways  LiveEvent
 //! <prefix>:workers:<role>   zset     worker heartbeats (member = consumer, score = unix ms)
 //! <prefix>:rl:<what>:<who>:<minute>  counter  gateways' rate limits (expire after 2 min)
+//! <prefix>:moderation       hash     NIP-86 snapshot (fields version, state), see moderation
+//! <prefix>:moderation       channel  ingest workers → everyone: a new snapshot version
+//! <prefix>:admin:<gateway>  channel  ingest workers → one gateway   AdminReply
 //! ```
 //!
 //! Stream entries carry one field, [`ENTRY_FIELD`], holding the envelope as JSON. Channel
@@ -28,7 +31,7 @@ use serde_json::value::RawValue;
 use crate::config::BusConfig;
 use crate::event::{EventId, Kind, PubKey};
 use crate::filter::Filter;
-use crate::message::SubId;
+use crate::message::{NegMessage, SubId};
 
 /// The consumer group of the ingest streams.
 pub const INGEST_GROUP: &str = "ingest";
@@ -117,14 +120,34 @@ pub struct IngestRequest {
     pub trace: TraceContext,
 }
 
-/// What a query answers: stored events (`REQ`) or their number (`COUNT`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What a query answers: stored events (`REQ`), their number (`COUNT`), or a negentropy
+/// round (NIP-77 `NEG-OPEN` / `NEG-MSG`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum QueryKind {
     /// Stream the matching events, then EOSE.
     #[default]
     Events,
     /// Answer with the number of matching events.
     Count,
+    /// Reconcile: the worker loads the `(created_at, id)` of every event matching the one
+    /// filter, answers `message` as the negentropy responder and replies
+    /// [`GatewayReply::Neg`]. The responder keeps no state between rounds, so each
+    /// `NEG-MSG` is a request of its own carrying the session's filter again.
+    Negentropy {
+        /// The initiator's message.
+        message: NegMessage,
+    },
+}
+
+impl QueryKind {
+    /// `"req"`, `"count"` or `"negentropy"`, for metrics and spans.
+    pub fn name(&self) -> &'static str {
+        match self {
+            QueryKind::Events => "req",
+            QueryKind::Count => "count",
+            QueryKind::Negentropy { .. } => "negentropy",
+        }
+    }
 }
 
 /// Who is asking, for read-restricted kinds (NIP-42): events of a restricted kind are
@@ -222,6 +245,18 @@ pub enum GatewayReply {
         query_id: SubId,
         /// The count, or why there is none.
         result: Result<u64, String>,
+    },
+    /// The answer to one negentropy round (NIP-77): the responder's message, or
+    /// `prefix: text` for `NEG-ERR` (the negentropy subscription is over).
+    Neg {
+        /// The connection.
+        conn: ConnId,
+        /// The request answered; a reply for a round that is no longer current is dropped.
+        req: ReqId,
+        /// The negentropy subscription id.
+        sub_id: SubId,
+        /// The message for `NEG-MSG`, or the reason for `NEG-ERR`.
+        result: Result<NegMessage, String>,
     },
     /// The `REQ` could not be answered (`prefix: text`); the subscription is over.
     Closed {
@@ -334,6 +369,21 @@ impl Bus {
     /// A rate-limit counter: `what` (e.g. events per IP) for `who` in time window `window`.
     pub fn rate_key(&self, what: &str, who: &str, window: i64) -> String {
         format!("{}:rl:{what}:{who}:{window}", self.prefix)
+    }
+
+    /// The hash holding the moderation snapshot (NIP-86), see [`crate::moderation`].
+    pub fn moderation_key(&self) -> String {
+        format!("{}:moderation", self.prefix)
+    }
+
+    /// The channel announcing a new moderation snapshot version (payload: the version).
+    pub fn moderation_channel(&self) -> String {
+        format!("{}:moderation", self.prefix)
+    }
+
+    /// The channel a gateway listens on for answers to its management requests.
+    pub fn admin_channel(&self, gateway: &GatewayId) -> String {
+        format!("{}:admin:{gateway}", self.prefix)
     }
 
     /// The sorted set of a role's worker heartbeats.

@@ -9,6 +9,8 @@
 //! - [`config`]: configuration pieces every binary flattens into its own `Config`.
 //! - [`telemetry`]: logging setup.
 //! - [`shutdown`]: the SIGINT/SIGTERM future.
+//! - [`nip98`]: NIP-98 HTTP authorization (the management API's `Authorization` header).
+//! - [`moderation`]: the NIP-86 moderation state, its Redis snapshot and the admin envelopes.
 //! - `store` (feature `worker`): the Postgres schema, migrations and pool.
 //! - `sql` (feature `worker`): filters as parameterized SQL (query workers and tools).
 //! - `worker` (feature `worker`): the read → handle → ack loop both workers run.
@@ -26,6 +28,8 @@ pub mod filter;
 #[cfg(feature = "worker")]
 pub mod health;
 pub mod message;
+pub mod moderation;
+pub mod nip98;
 pub mod shutdown;
 #[cfg(feature = "worker")]
 pub mod sql;

@@ -75,6 +75,65 @@ pub enum ClientMessage {
         /// One or more filters, ORed.
         filters: Vec<Filter>,
     },
+    /// `["NEG-OPEN", <sub_id>, <filter>, <hex message>]`: NIP-77, start a reconciliation.
+    NegOpen {
+        /// The negentropy subscription id (a namespace apart from `REQ` ids).
+        sub_id: SubId,
+        /// Which events take part.
+        filter: Box<Filter>,
+        /// The initiator's first message (checked to be hex).
+        message: NegMessage,
+    },
+    /// `["NEG-MSG", <sub_id>, <hex message>]`: NIP-77, the next round.
+    NegMsg {
+        /// The negentropy subscription id.
+        sub_id: SubId,
+        /// The initiator's message (checked to be hex).
+        message: NegMessage,
+    },
+    /// `["NEG-CLOSE", <sub_id>]`: NIP-77, the client is done.
+    NegClose(SubId),
+}
+
+/// A negentropy (NIP-77) message as it travels: non-empty, even-length hex, lowercase.
+#[derive(Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct NegMessage(String);
+
+impl NegMessage {
+    /// Checks that `s` is non-empty hex of whole bytes; keeps it lowercased.
+    pub fn from_hex(s: &str) -> Result<Self, &'static str> {
+        if s.is_empty() {
+            return Err("negentropy message is empty");
+        }
+        if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err("negentropy message must be hex-encoded bytes");
+        }
+        Ok(NegMessage(s.to_ascii_lowercase()))
+    }
+
+    /// The hex text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The message bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // The constructor admits only whole bytes of hex digits; decoding cannot fail.
+        hex::decode(&self.0).unwrap_or_default()
+    }
+}
+
+impl<'de> Deserialize<'de> for NegMessage {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        NegMessage::from_hex(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Debug for NegMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NegMessage({} bytes)", self.0.len() / 2)
+    }
 }
 
 /// Why a client message was refused. [`MessageError::prefix`] gives the NIP-01 prefix; the
@@ -111,6 +170,17 @@ pub enum MessageError {
         /// What is wrong with the filter.
         error: FilterError,
     },
+    /// A `NEG-OPEN` or `NEG-MSG` (NIP-77) whose subscription id is readable but whose filter
+    /// or message is not; answered with `NEG-ERR`.
+    #[error("{detail}")]
+    BadNeg {
+        /// The negentropy subscription id (already checked).
+        sub_id: SubId,
+        /// The NIP-01 prefix.
+        prefix: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
     /// A message with the wrong number of elements for its verb.
     #[error("{verb} expects {expected}")]
     BadArity {
@@ -126,6 +196,7 @@ impl MessageError {
     pub fn prefix(&self) -> &'static str {
         match self {
             MessageError::BadFilter { error, .. } => error.prefix(),
+            MessageError::BadNeg { prefix, .. } => prefix,
             MessageError::UnknownVerb(_) => "unsupported",
             _ => "invalid",
         }
@@ -206,7 +277,61 @@ impl ClientMessage {
                 }
                 Ok(ClientMessage::Close(sub_id))
             }
+            "NEG-OPEN" | "NEG-MSG" | "NEG-CLOSE" => parse_neg(&verb, &items),
             _ => Err(MessageError::UnknownVerb(truncate(&verb, 32))),
+        }
+    }
+}
+
+/// `NEG-OPEN`, `NEG-MSG` and `NEG-CLOSE` (NIP-77). Once the subscription id is readable,
+/// refusals carry it, so the client gets `NEG-ERR` for that id.
+fn parse_neg(verb: &str, items: &[Value]) -> Result<ClientMessage, MessageError> {
+    let sub_id = sub_id_at(items)?;
+    let bad = |prefix, detail: String| MessageError::BadNeg {
+        sub_id: sub_id.clone(),
+        prefix,
+        detail,
+    };
+    let message_at = |i: usize| match items.get(i) {
+        Some(Value::String(s)) => NegMessage::from_hex(s).map_err(|e| bad("invalid", e.to_owned())),
+        _ => Err(bad(
+            "invalid",
+            "negentropy message must be a hex string".into(),
+        )),
+    };
+    match verb {
+        "NEG-OPEN" => {
+            if items.len() != 4 {
+                return Err(bad(
+                    "invalid",
+                    "NEG-OPEN expects an id, one filter and a message".into(),
+                ));
+            }
+            let filter =
+                Filter::from_value(&items[2]).map_err(|e| bad(e.prefix(), e.to_string()))?;
+            Ok(ClientMessage::NegOpen {
+                sub_id: sub_id.clone(),
+                filter: Box::new(filter),
+                message: message_at(3)?,
+            })
+        }
+        "NEG-MSG" => {
+            if items.len() != 3 {
+                return Err(bad("invalid", "NEG-MSG expects an id and a message".into()));
+            }
+            Ok(ClientMessage::NegMsg {
+                sub_id: sub_id.clone(),
+                message: message_at(2)?,
+            })
+        }
+        _ => {
+            if items.len() != 2 {
+                return Err(MessageError::BadArity {
+                    verb: "NEG-CLOSE",
+                    expected: "exactly one subscription id",
+                });
+            }
+            Ok(ClientMessage::NegClose(sub_id))
         }
     }
 }
@@ -355,6 +480,24 @@ pub fn count_frame(query_id: &SubId, count: u64) -> String {
     )
 }
 
+/// `["NEG-MSG",<sub_id>,<hex message>]` (NIP-77).
+pub fn neg_msg_frame(sub_id: &SubId, message: &NegMessage) -> String {
+    format!(
+        "[\"NEG-MSG\",{},\"{}\"]",
+        json_string(sub_id.as_str()),
+        message.as_str()
+    )
+}
+
+/// `["NEG-ERR",<sub_id>,<reason>]` (NIP-77); the subscription is over.
+pub fn neg_err_frame(sub_id: &SubId, reason: &str) -> String {
+    format!(
+        "[\"NEG-ERR\",{},{}]",
+        json_string(sub_id.as_str()),
+        json_string(reason)
+    )
+}
+
 /// Checks that a stored event's JSON is a JSON value, for wrapping in bus envelopes.
 pub fn raw_json(text: String) -> Result<Box<RawValue>, serde_json::Error> {
     RawValue::from_string(text)
@@ -413,6 +556,54 @@ mod tests {
         );
         let sixty_four = "é".repeat(64);
         assert!(ClientMessage::parse(&format!(r#"["REQ","{sixty_four}",{{}}]"#)).is_ok());
+    }
+
+    #[test]
+    fn negentropy_verbs_parse_and_refusals_name_the_session() {
+        match ClientMessage::parse(r#"["NEG-OPEN","n",{"kinds":[1]},"61AB"]"#) {
+            Ok(ClientMessage::NegOpen {
+                sub_id, message, ..
+            }) => {
+                assert_eq!(sub_id.as_str(), "n");
+                assert_eq!(message.as_str(), "61ab");
+                assert_eq!(message.to_bytes(), vec![0x61, 0xab]);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            ClientMessage::parse(r#"["NEG-MSG","n","61"]"#),
+            Ok(ClientMessage::NegMsg { .. })
+        ));
+        assert!(matches!(
+            ClientMessage::parse(r#"["NEG-CLOSE","n"]"#),
+            Ok(ClientMessage::NegClose(_))
+        ));
+        for text in [
+            r#"["NEG-OPEN","n",{},"6"]"#,
+            r#"["NEG-OPEN","n",{},"zz"]"#,
+            r#"["NEG-OPEN","n",{"ids":["x"]},"61"]"#,
+            r#"["NEG-OPEN","n",{}]"#,
+            r#"["NEG-MSG","n",""]"#,
+            r#"["NEG-MSG","n",97]"#,
+        ] {
+            match ClientMessage::parse(text) {
+                Err(e @ MessageError::BadNeg { .. }) => {
+                    assert!(e.reason().starts_with("invalid: "), "{text}: {e}")
+                }
+                other => panic!("{text}: unexpected {other:?}"),
+            }
+        }
+        assert!(matches!(
+            ClientMessage::parse(r#"["NEG-OPEN"]"#),
+            Err(MessageError::BadSubId)
+        ));
+        let sub = SubId::new("n").expect("valid");
+        let msg = NegMessage::from_hex("61").expect("hex");
+        assert_eq!(neg_msg_frame(&sub, &msg), r#"["NEG-MSG","n","61"]"#);
+        assert_eq!(
+            neg_err_frame(&sub, "closed: x"),
+            r#"["NEG-ERR","n","closed: x"]"#
+        );
     }
 
     #[test]

@@ -155,6 +155,17 @@ pub fn count_query(filters: &[&Filter], viewer: &Viewer, now: i64) -> Query {
     q
 }
 
+/// The `(created_at, id)` of the events matching `filter`, at most `limit` rows, unordered:
+/// a NIP-77 item set. The filter's own `limit` does not apply.
+pub fn items_query(filter: &Filter, viewer: &Viewer, now: i64, limit: i64) -> Query {
+    let mut q = Query::default();
+    let pred = filter_predicate(&mut q, filter);
+    let vis = visibility(&mut q, viewer, now);
+    let limit = q.bind(limit);
+    q.sql = format!("SELECT created_at, id FROM events WHERE {pred} AND {vis} LIMIT {limit}");
+    q
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,8 @@
 //! tags    event_seq → events.seq (cascade)  name text  value text  kind  created_at
 //! deleted_events (id, pubkey)   deleted_addresses (pubkey, kind, d_tag, until)
 //! vanished (pubkey, until, request)
+//! banned_pubkeys, allowed_pubkeys, banned_events, allowed_kinds, blocked_ips, relay_info,
+//! moderation_version   (NIP-86, version 2; mirrored in Redis, see `moderation`)
 //! ```
 //!
 //! **Invariant:** at most one row per (pubkey, kind, d_tag) for replaceable and addressable
@@ -43,9 +45,10 @@ pub enum StoreError {
 
 /// Schema versions in order. Each runs once, in a transaction, under an advisory lock so
 /// that workers starting together do not race.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        r#"
     CREATE TABLE events (
         seq        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         id         bytea  NOT NULL,
@@ -96,7 +99,27 @@ const MIGRATIONS: &[(i32, &str)] = &[(
         request text   NOT NULL
     );
     "#,
-)];
+    ),
+    (
+        2,
+        r#"
+    -- NIP-86 moderation, changed only through the management API (ingest workers).
+    CREATE TABLE banned_pubkeys (pubkey bytea PRIMARY KEY, reason text NOT NULL DEFAULT '');
+    CREATE TABLE allowed_pubkeys (pubkey bytea PRIMARY KEY, reason text NOT NULL DEFAULT '');
+    CREATE TABLE banned_events (id bytea PRIMARY KEY, reason text NOT NULL DEFAULT '');
+    CREATE TABLE allowed_kinds (kind integer PRIMARY KEY);
+    CREATE TABLE blocked_ips (ip text PRIMARY KEY, reason text NOT NULL DEFAULT '');
+    -- NIP-11 fields set by an admin: 'name', 'description', 'icon'.
+    CREATE TABLE relay_info (field text PRIMARY KEY, value text NOT NULL);
+    -- One row: bumped by every change, so snapshots in Redis can be ordered.
+    CREATE TABLE moderation_version (
+        only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+        version  bigint  NOT NULL
+    );
+    INSERT INTO moderation_version (version) VALUES (0);
+    "#,
+    ),
+];
 
 /// The text search configuration used for NIP-50 (no stemming, no stop words: works the
 /// same for every language).

@@ -205,6 +205,35 @@ pub async fn run<H: Handler>(
     Ok(())
 }
 
+/// The span of handling one stream entry (OpenTelemetry messaging conventions), a child of
+/// the sender's span. Fields each worker fills in later are declared here, empty.
+pub fn process_span(
+    entry: &Entry,
+    group: &'static str,
+    trace: &crate::bus::TraceContext,
+) -> tracing::Span {
+    use tracing::field::Empty;
+    let span = tracing::info_span!(
+        "process",
+        otel.name = %format!("process {}", entry.stream),
+        otel.kind = "consumer",
+        messaging.system = "redis",
+        messaging.operation.type = "process",
+        messaging.destination.name = %entry.stream,
+        messaging.consumer.group.name = group,
+        messaging.message.id = %entry.id,
+        nostr.event.id = Empty,
+        nostr.event.kind = Empty,
+        nostr.outcome = Empty,
+        nostr.subscription.id = Empty,
+        nostr.query.kind = Empty,
+        nostr.results = Empty,
+        trace_id = Empty,
+    );
+    trace.parent(&span);
+    span
+}
+
 /// Every `every`: if Postgres answers, records a heartbeat in Redis; updates the health
 /// flag behind `/readyz` and the stream gauges.
 async fn heartbeat_loop(

@@ -1,8 +1,11 @@
 //! End-to-end tests: the real binaries, real Redis and Postgres, WebSocket clients.
 //! Run with `make test` (it starts the services and sets `RELAY_TEST_*`).
 
+mod admin_cli;
 mod hostile;
 mod nip01;
+mod nip77;
+mod nip86;
 mod observability;
 mod policy;
 

@@ -141,7 +141,7 @@ async fn nip11_document_shows_the_enforced_limits() {
     assert!(doc["version"].is_string());
     assert_eq!(
         doc["supported_nips"],
-        json!([1, 9, 11, 13, 40, 42, 45, 50, 62, 70])
+        json!([1, 9, 11, 13, 40, 42, 45, 50, 62, 70, 77, 86])
     );
     let l = &doc["limitation"];
     assert_eq!(l["max_subscriptions"], 7);

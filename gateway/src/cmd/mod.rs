@@ -1,4 +1,5 @@
-//! Client verbs (NIP-01 `EVENT`, `REQ`, `CLOSE`; NIP-42 `AUTH`; NIP-45 `COUNT`). Each is a small type built from a parsed [`ClientMessage`] with a `handle`
+//! Client verbs (NIP-01 `EVENT`, `REQ`, `CLOSE`; NIP-42 `AUTH`; NIP-45 `COUNT`; NIP-77
+//! `NEG-OPEN`, `NEG-MSG`, `NEG-CLOSE`). Each is a small type built from a parsed [`ClientMessage`] with a `handle`
 //! that does its work through the [`Session`]. Anything unparseable is answered by
 //! [`reject`]: `OK false` when the event id is known, `CLOSED` when the subscription id is
 //! known, `NOTICE` otherwise. The connection always stays open.
@@ -7,9 +8,12 @@ mod auth;
 mod close;
 mod count;
 mod event;
+mod neg;
 pub(crate) mod req;
 
-use shared::message::{ClientMessage, MessageError, closed_frame, notice_frame, ok_frame};
+use shared::message::{
+    ClientMessage, MessageError, closed_frame, neg_err_frame, notice_frame, ok_frame,
+};
 
 use crate::session::Session;
 
@@ -25,6 +29,8 @@ pub enum Command {
     Auth(auth::Authenticate),
     /// `COUNT` (NIP-45).
     Count(count::Count),
+    /// `NEG-OPEN`, `NEG-MSG`, `NEG-CLOSE` (NIP-77).
+    Neg(neg::Negentropy),
 }
 
 impl Command {
@@ -40,6 +46,19 @@ impl Command {
             ClientMessage::Count { query_id, filters } => {
                 Command::Count(count::Count::new(query_id, filters))
             }
+            ClientMessage::NegOpen {
+                sub_id,
+                filter,
+                message,
+            } => Command::Neg(neg::Negentropy::Open {
+                sub_id,
+                filter,
+                message,
+            }),
+            ClientMessage::NegMsg { sub_id, message } => {
+                Command::Neg(neg::Negentropy::Msg { sub_id, message })
+            }
+            ClientMessage::NegClose(sub_id) => Command::Neg(neg::Negentropy::Close(sub_id)),
         })
     }
 
@@ -51,6 +70,7 @@ impl Command {
             Command::Close(_) => "CLOSE",
             Command::Auth(_) => "AUTH",
             Command::Count(_) => "COUNT",
+            Command::Neg(c) => c.verb(),
         }
     }
 
@@ -62,6 +82,7 @@ impl Command {
             Command::Close(c) => c.handle(session),
             Command::Auth(c) => c.handle(session),
             Command::Count(c) => c.handle(session).await,
+            Command::Neg(c) => c.handle(session).await,
         }
     }
 }
@@ -72,6 +93,10 @@ pub fn reject(session: &Session, err: MessageError) {
     match &err {
         MessageError::BadEvent { id: Some(id), .. } => session.send(ok_frame(id, false, &reason)),
         MessageError::BadFilter { sub_id, .. } => session.send(closed_frame(sub_id, &reason)),
+        MessageError::BadNeg { sub_id, .. } => {
+            session.state.registry.neg_close(session.conn, sub_id);
+            session.send(neg_err_frame(sub_id, &reason));
+        }
         _ => session.send(notice_frame(&reason)),
     }
 }

@@ -1,0 +1,490 @@
+//! The NIP-86 management API: `POST /` with `Content-Type: application/nostr+json+rpc`,
+//! a JSON `{"method", "params"}` body, authorized by a NIP-98 `Authorization` header signed
+//! by one of `RELAY_ADMIN_PUBKEYS`.
+//!
+//! The URL the `u` tag must name is `RELAY_PUBLIC_URL` with `ws`/`wss` turned into
+//! `http`/`https`, or `http://<Host header>/` when it is not set; both are compared
+//! normalized ([`shared::nip98::normalize_url`]).
+//!
+//! Lists are answered from the moderation snapshot in Redis (this gateway's copy when Redis
+//! is away). Changes cannot be written here (the gateway never touches Postgres): each goes
+//! as an [`AdminRequest`] on ingest stream shard 0, and the handler waits, at most
+//! `RELAY_REPLY_TIMEOUT_MS`, for the worker's [`shared::moderation::AdminReply`] on this
+//! gateway's admin channel.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt as _;
+use serde_json::{Value, json};
+use shared::bus::{self, Role};
+use shared::event::{EventId, Kind, PubKey};
+use shared::moderation::{self, AdminReply, AdminRequest, Change, Moderation};
+use shared::nip98;
+use tokio::sync::{oneshot, watch};
+
+use crate::AppState;
+
+/// The `Content-Type` of a management request.
+pub const RPC_CONTENT_TYPE: &str = "application/nostr+json+rpc";
+
+/// Every method this relay answers (what `supportedmethods` returns).
+pub const SUPPORTED_METHODS: &[&str] = &[
+    "supportedmethods",
+    "banpubkey",
+    "unbanpubkey",
+    "listbannedpubkeys",
+    "allowpubkey",
+    "unallowpubkey",
+    "listallowedpubkeys",
+    "listeventsneedingmoderation",
+    "allowevent",
+    "banevent",
+    "listbannedevents",
+    "changerelayname",
+    "changerelaydescription",
+    "changerelayicon",
+    "allowkind",
+    "disallowkind",
+    "listallowedkinds",
+    "blockip",
+    "unblockip",
+    "listblockedips",
+];
+
+type Waiting = Mutex<HashMap<u64, oneshot::Sender<Result<u64, String>>>>;
+
+/// Who may manage the relay, and the changes waiting for a worker's answer.
+pub struct Admin {
+    admins: Vec<PubKey>,
+    waiting: Waiting,
+}
+
+impl Admin {
+    /// Admins from the validated configuration (empty: nobody).
+    pub fn new(admins: Vec<PubKey>) -> Self {
+        Admin {
+            admins,
+            waiting: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn waiting(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Result<u64, String>>>> {
+        // A panic while holding this lock cannot leave the map inconsistent; keep using it.
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Removes a request from the waiting map however the handler ends (answered, timed out,
+/// or the client went away).
+struct Wait<'a> {
+    admin: &'a Admin,
+    request: u64,
+}
+
+impl Drop for Wait<'_> {
+    fn drop(&mut self) {
+        self.admin.waiting().remove(&self.request);
+    }
+}
+
+/// What one RPC asks.
+#[derive(Debug, PartialEq, Eq)]
+enum Call {
+    SupportedMethods,
+    Change(Change),
+    ListBannedPubkeys,
+    ListAllowedPubkeys,
+    ListBannedEvents,
+    ListEventsNeedingModeration,
+    ListAllowedKinds,
+    ListBlockedIps,
+}
+
+/// `POST /` with the RPC content type.
+pub async fn rpc(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let is_rpc = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().starts_with(RPC_CONTENT_TYPE));
+    if !is_rpc {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            &format!("management requests must be sent as {RPC_CONTENT_TYPE}"),
+        );
+    }
+    let url = request_url(&state, &headers);
+    let request = nip98::Request {
+        url: &url,
+        method: "POST",
+        body: &body,
+    };
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let pubkey = match nip98::verify_header(authorization, &request, shared::unix_now()) {
+        Ok(pk) => pk,
+        Err(e) => {
+            let mut response = error(StatusCode::UNAUTHORIZED, &e.to_string());
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Nostr"),
+            );
+            return response;
+        }
+    };
+    if !state.admin.admins.contains(&pubkey) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "this pubkey may not manage this relay",
+        );
+    }
+    let call = match parse(&body) {
+        Ok(call) => call,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+    };
+    tracing::info!(admin = %pubkey, call = ?call, "management request");
+    match call {
+        Call::SupportedMethods => result(json!(SUPPORTED_METHODS)),
+        Call::Change(change) => apply(&state, change).await,
+        Call::ListEventsNeedingModeration => result(json!([])),
+        list => {
+            let current = snapshot(&state).await;
+            result(listing(&current, &list))
+        }
+    }
+}
+
+/// The absolute URL this request was sent to, as the `u` tag must name it.
+fn request_url(state: &AppState, headers: &HeaderMap) -> String {
+    match &state.config.public.public_url {
+        Some(url) => nip98::http_url(url),
+        None => {
+            let host = headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("");
+            format!("http://{host}/")
+        }
+    }
+}
+
+/// The snapshot in Redis, or this gateway's copy when Redis does not answer.
+async fn snapshot(state: &AppState) -> Arc<Moderation> {
+    let mut redis = state.redis.clone();
+    match moderation::load(&mut redis, &state.bus).await {
+        Ok(Some(m)) => Arc::new(m),
+        Ok(None) => state.moderation.get(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot load the moderation snapshot; answering from memory");
+            state.moderation.get()
+        }
+    }
+}
+
+fn listing(m: &Moderation, list: &Call) -> Value {
+    let pubkeys = |map: &std::collections::BTreeMap<PubKey, String>| {
+        map.iter()
+            .map(|(pk, reason)| json!({"pubkey": pk.to_hex(), "reason": reason}))
+            .collect::<Vec<_>>()
+    };
+    match list {
+        Call::ListBannedPubkeys => json!(pubkeys(&m.banned_pubkeys)),
+        Call::ListAllowedPubkeys => json!(pubkeys(&m.allowed_pubkeys)),
+        Call::ListBannedEvents => json!(
+            m.banned_events
+                .iter()
+                .map(|(id, reason)| json!({"id": id.to_hex(), "reason": reason}))
+                .collect::<Vec<_>>()
+        ),
+        Call::ListAllowedKinds => json!(m.allowed_kinds.iter().map(|k| k.0).collect::<Vec<_>>()),
+        Call::ListBlockedIps => json!(
+            m.blocked_ips
+                .iter()
+                .map(|(ip, reason)| json!({"ip": ip.to_string(), "reason": reason}))
+                .collect::<Vec<_>>()
+        ),
+        _ => json!([]),
+    }
+}
+
+/// Sends a change to the ingest workers and waits for it to be committed.
+async fn apply(state: &AppState, change: Change) -> Response {
+    let request = state.next_id();
+    let (tx, rx) = oneshot::channel();
+    state.admin.waiting().insert(request, tx);
+    let _wait = Wait {
+        admin: &state.admin,
+        request,
+    };
+    let Some(stream) = state.bus.streams(Role::Ingest).into_iter().next() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "error: no ingest stream");
+    };
+    let envelope = AdminRequest {
+        admin: change,
+        gateway: state.gateway.clone(),
+        request,
+    };
+    let mut redis = state.redis.clone();
+    if let Err(e) = bus::add_entry(&mut redis, &stream, &bus::encode(&envelope)).await {
+        tracing::warn!(error = %e, "cannot send a management change");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "error: the relay cannot take changes right now; try again",
+        );
+    }
+    let timeout = Duration::from_millis(state.config.limits.reply_timeout_ms);
+    match tokio::time::timeout(timeout, rx).await {
+        Ok(Ok(Ok(_version))) => {
+            // The snapshot is written before the answer: take it now, so this gateway
+            // enforces the change before the client hears it is done.
+            if let Err(e) = state.moderation.refresh(&mut redis, &state.bus).await {
+                tracing::warn!(error = %e, "cannot load the new moderation snapshot");
+            }
+            result(json!(true))
+        }
+        Ok(Ok(Err(message))) => error(StatusCode::INTERNAL_SERVER_ERROR, &message),
+        Ok(Err(_)) | Err(_) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "error: no worker confirmed the change in time; it may still be applied",
+        ),
+    }
+}
+
+fn result(value: Value) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({ "result": value }).to_string(),
+    )
+        .into_response()
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({ "result": null, "error": message }).to_string(),
+    )
+        .into_response()
+}
+
+fn parse(body: &[u8]) -> Result<Call, String> {
+    let request: Value =
+        serde_json::from_slice(body).map_err(|e| format!("invalid: the body is not JSON: {e}"))?;
+    let method = request
+        .get("method")
+        .and_then(Value::as_str)
+        .ok_or("invalid: the body needs a string \"method\"")?;
+    let empty = Vec::new();
+    let params = match request.get("params") {
+        None | Some(Value::Null) => &empty,
+        Some(Value::Array(p)) => p,
+        Some(_) => return Err("invalid: \"params\" must be an array".into()),
+    };
+    let p = Params(params);
+    Ok(match method {
+        "supportedmethods" => Call::SupportedMethods,
+        "banpubkey" => Call::Change(Change::BanPubkey {
+            pubkey: p.pubkey()?,
+            reason: p.reason()?,
+        }),
+        "unbanpubkey" => Call::Change(Change::UnbanPubkey {
+            pubkey: p.pubkey()?,
+        }),
+        "allowpubkey" => Call::Change(Change::AllowPubkey {
+            pubkey: p.pubkey()?,
+            reason: p.reason()?,
+        }),
+        "unallowpubkey" => Call::Change(Change::UnallowPubkey {
+            pubkey: p.pubkey()?,
+        }),
+        "banevent" => Call::Change(Change::BanEvent {
+            id: p.event_id()?,
+            reason: p.reason()?,
+        }),
+        "allowevent" => Call::Change(Change::AllowEvent { id: p.event_id()? }),
+        "allowkind" => Call::Change(Change::AllowKind { kind: p.kind()? }),
+        "disallowkind" => Call::Change(Change::DisallowKind { kind: p.kind()? }),
+        "blockip" => Call::Change(Change::BlockIp {
+            ip: p.ip()?,
+            reason: p.reason()?,
+        }),
+        "unblockip" => Call::Change(Change::UnblockIp { ip: p.ip()? }),
+        "changerelayname" => Call::Change(Change::RelayName(p.text()?)),
+        "changerelaydescription" => Call::Change(Change::RelayDescription(p.text()?)),
+        "changerelayicon" => Call::Change(Change::RelayIcon(p.text()?)),
+        "listbannedpubkeys" => Call::ListBannedPubkeys,
+        "listallowedpubkeys" => Call::ListAllowedPubkeys,
+        "listbannedevents" => Call::ListBannedEvents,
+        "listeventsneedingmoderation" => Call::ListEventsNeedingModeration,
+        "listallowedkinds" => Call::ListAllowedKinds,
+        "listblockedips" => Call::ListBlockedIps,
+        other => {
+            let shown: String = other.chars().take(64).collect();
+            return Err(format!("unsupported method {shown:?}"));
+        }
+    })
+}
+
+/// A method's positional parameters.
+struct Params<'a>(&'a [Value]);
+
+/// Longest reason, name, description or icon URL accepted, in characters.
+const MAX_TEXT: usize = 4096;
+
+impl Params<'_> {
+    fn string(&self, at: usize, what: &str) -> Result<&str, String> {
+        let s = self
+            .0
+            .get(at)
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("invalid: parameter {} must be {what}", at + 1))?;
+        if s.chars().count() > MAX_TEXT {
+            return Err(format!(
+                "invalid: parameter {} is longer than {MAX_TEXT} characters",
+                at + 1
+            ));
+        }
+        Ok(s)
+    }
+
+    fn pubkey(&self) -> Result<PubKey, String> {
+        PubKey::from_hex(self.string(0, "a 64-character hex pubkey")?)
+            .map_err(|_| "invalid: parameter 1 must be a 64-character lowercase hex pubkey".into())
+    }
+
+    fn event_id(&self) -> Result<EventId, String> {
+        EventId::from_hex(self.string(0, "a 64-character hex event id")?).map_err(|_| {
+            "invalid: parameter 1 must be a 64-character lowercase hex event id".into()
+        })
+    }
+
+    fn kind(&self) -> Result<Kind, String> {
+        self.0
+            .first()
+            .and_then(Value::as_u64)
+            .and_then(|k| u16::try_from(k).ok())
+            .map(Kind)
+            .ok_or_else(|| "invalid: parameter 1 must be a kind number (0 to 65535)".into())
+    }
+
+    fn ip(&self) -> Result<IpAddr, String> {
+        self.string(0, "an IP address")?
+            .trim()
+            .parse()
+            .map_err(|_| "invalid: parameter 1 must be an IP address".into())
+    }
+
+    fn text(&self) -> Result<String, String> {
+        self.string(0, "a string").map(str::to_owned)
+    }
+
+    /// The optional reason, parameter 2.
+    fn reason(&self) -> Result<String, String> {
+        match self.0.get(1) {
+            None | Some(Value::Null) => Ok(String::new()),
+            Some(_) => self.string(1, "a string").map(str::to_owned),
+        }
+    }
+}
+
+/// Routes workers' answers (this gateway's admin channel) to the waiting handlers, until
+/// `stop` turns true. Reconnects with backoff.
+pub async fn replies(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
+    let channel = state.bus.admin_channel(&state.gateway);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let subscribed = async {
+            let client = redis::Client::open(state.config.bus.redis_url.as_str())?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        }
+        .await;
+        match subscribed {
+            Ok(mut pubsub) => {
+                backoff = Duration::from_millis(100);
+                let mut messages = pubsub.on_message();
+                loop {
+                    tokio::select! {
+                        _ = crate::stopped(&mut stop) => return,
+                        msg = messages.next() => match msg {
+                            Some(msg) => deliver(&state, msg.get_payload_bytes()),
+                            None => break,
+                        },
+                    }
+                }
+                tracing::warn!("lost the admin reply subscription; reconnecting");
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot subscribe to admin replies; retrying"),
+        }
+        tokio::select! {
+            _ = crate::stopped(&mut stop) => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+fn deliver(state: &AppState, payload: &[u8]) {
+    let reply = std::str::from_utf8(payload)
+        .map_err(|e| e.to_string())
+        .and_then(|text| bus::decode::<AdminReply>(text).map_err(|e| e.to_string()));
+    match reply {
+        Ok(reply) => {
+            if let Some(tx) = state.admin.waiting().remove(&reply.request) {
+                let _ = tx.send(reply.result);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "dropping undecodable admin reply"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_and_params_parse() {
+        let pk = "a".repeat(64);
+        assert_eq!(
+            parse(br#"{"method":"supportedmethods","params":[]}"#),
+            Ok(Call::SupportedMethods)
+        );
+        let ban = format!(r#"{{"method":"banpubkey","params":["{pk}","spam"]}}"#);
+        assert!(matches!(
+            parse(ban.as_bytes()),
+            Ok(Call::Change(Change::BanPubkey { reason, .. })) if reason == "spam"
+        ));
+        let unban = format!(r#"{{"method":"unbanpubkey","params":["{pk}"]}}"#);
+        assert!(matches!(
+            parse(unban.as_bytes()),
+            Ok(Call::Change(Change::UnbanPubkey { .. }))
+        ));
+        assert_eq!(
+            parse(br#"{"method":"allowkind","params":[1]}"#),
+            Ok(Call::Change(Change::AllowKind { kind: Kind(1) }))
+        );
+        assert!(parse(br#"{"method":"allowkind","params":[70000]}"#).is_err());
+        assert!(parse(br#"{"method":"blockip","params":["not an ip"]}"#).is_err());
+        assert!(parse(br#"{"method":"banpubkey","params":["xyz"]}"#).is_err());
+        assert!(parse(br#"{"method":"createrole","params":[]}"#).is_err());
+        assert!(parse(b"not json").is_err());
+        for method in SUPPORTED_METHODS {
+            let body = format!(r#"{{"method":"{method}","params":[]}}"#);
+            let parsed = parse(body.as_bytes());
+            assert!(
+                !matches!(&parsed, Err(e) if e.starts_with("unsupported")),
+                "{method} is known"
+            );
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! NIP-77 negentropy: `NEG-OPEN`, `NEG-MSG`, `NEG-CLOSE`. The gateway keeps each session's
+//! filter (and viewer) in the registry; every round goes to the query workers, which answer
+//! as a stateless responder. Each round gets `NEG-MSG` or `NEG-ERR` within the reply
+//! timeout; a session the client leaves idle is ended with `NEG-ERR closed:`.
+
+use std::time::Duration;
+
+use shared::bus::{self, QueryKind, QueryRequest, ReqId, TraceContext, Viewer};
+use shared::filter::Filter;
+use shared::message::{NegMessage, SubId, neg_err_frame};
+use tracing::Instrument;
+
+use crate::cmd::req::{admit, send_span};
+use crate::ratelimit::{self, Limit};
+use crate::session::Session;
+
+/// A client's negentropy message.
+pub enum Negentropy {
+    /// `NEG-OPEN`: start (or restart) a session.
+    Open {
+        /// The session id.
+        sub_id: SubId,
+        /// Which events take part.
+        filter: Box<Filter>,
+        /// The initiator's first message.
+        message: NegMessage,
+    },
+    /// `NEG-MSG`: the next round of an open session.
+    Msg {
+        /// The session id.
+        sub_id: SubId,
+        /// The initiator's message.
+        message: NegMessage,
+    },
+    /// `NEG-CLOSE`: the client is done.
+    Close(SubId),
+}
+
+impl Negentropy {
+    /// The verb, for metrics and logs.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Negentropy::Open { .. } => "NEG-OPEN",
+            Negentropy::Msg { .. } => "NEG-MSG",
+            Negentropy::Close(_) => "NEG-CLOSE",
+        }
+    }
+
+    /// Opens a session or runs a round; `NEG-CLOSE` just forgets the session (no reply).
+    pub async fn handle(self, session: &mut Session) {
+        match self {
+            Negentropy::Open {
+                sub_id,
+                filter,
+                message,
+            } => open(session, sub_id, *filter, message).await,
+            Negentropy::Msg { sub_id, message } => round(session, sub_id, message).await,
+            Negentropy::Close(sub_id) => session.state.registry.neg_close(session.conn, &sub_id),
+        }
+    }
+}
+
+/// `NEG-OPEN`: the same checks as a `REQ` (filter policy, id length, rate limit), then the
+/// session limit; the session is registered before its first round goes on the bus.
+async fn open(session: &mut Session, sub_id: SubId, filter: Filter, message: NegMessage) {
+    let mut filters = [filter];
+    if let Err(reason) = admit(session, &sub_id, &mut filters, false).await {
+        session.send(neg_err_frame(&sub_id, &reason));
+        return;
+    }
+    let [filter] = filters;
+    let state = &session.state;
+    let limits = &state.config.limits;
+    let req = ReqId(state.next_id());
+    let viewer = session.viewer();
+    let opened = state.registry.neg_open(
+        session.conn,
+        sub_id.clone(),
+        filter.clone(),
+        viewer.clone(),
+        req,
+        limits.max_neg_sessions,
+        Duration::from_secs(limits.neg_idle_secs),
+    );
+    if let Err(open) = opened {
+        let max = limits.max_neg_sessions;
+        session.send(neg_err_frame(
+            &sub_id,
+            &format!(
+                "rate-limited: {open} negentropy sessions are open; the limit is {max}; close one first"
+            ),
+        ));
+        return;
+    }
+    publish(session, sub_id, req, filter, viewer, message).await;
+}
+
+/// `NEG-MSG`: the next round of an open session, against the filter it was opened with.
+async fn round(session: &mut Session, sub_id: SubId, message: NegMessage) {
+    let state = &session.state;
+    let limit = Limit::reqs_from_ip(session.ip, state.config.rate.reqs_per_ip);
+    if let Some(limit) = ratelimit::exceeded(state, vec![limit]).await {
+        // After NEG-ERR the session is over (NIP-77); the client may open it again later.
+        session.send(neg_err_frame(&sub_id, &limit.to_string()));
+        state.registry.neg_close(session.conn, &sub_id);
+        return;
+    }
+    let req = ReqId(state.next_id());
+    let Some((filter, viewer)) = state.registry.neg_round(session.conn, &sub_id, req) else {
+        session.send(neg_err_frame(
+            &sub_id,
+            "closed: no negentropy session with this id; send NEG-OPEN first",
+        ));
+        return;
+    };
+    publish(session, sub_id, req, filter, viewer, message).await;
+}
+
+/// Puts one round on the query stream; when Redis refuses, the session ends with `error:`.
+async fn publish(
+    session: &Session,
+    sub_id: SubId,
+    req: ReqId,
+    filter: Filter,
+    viewer: Viewer,
+    message: NegMessage,
+) {
+    let state = &session.state;
+    let stream = state.bus.query_stream(session.conn);
+    let send = send_span(&stream);
+    let request = QueryRequest {
+        gateway: state.gateway.clone(),
+        conn: session.conn,
+        req,
+        sub_id: sub_id.clone(),
+        filters: vec![filter],
+        kind: QueryKind::Negentropy { message },
+        viewer,
+        trace: TraceContext::of(&send),
+    };
+    let mut redis = state.redis.clone();
+    let added = bus::add_entry(&mut redis, &stream, &bus::encode(&request))
+        .instrument(send)
+        .await;
+    if let Err(e) = added {
+        tracing::warn!(error = %e, sub = %sub_id, "cannot publish negentropy round");
+        let reason = "error: the relay cannot reconcile right now; try again".to_owned();
+        state
+            .registry
+            .neg_reply(session.conn, req, &sub_id, Err(reason));
+    }
+}

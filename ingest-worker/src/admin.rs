@@ -1,0 +1,298 @@
+//! NIP-86 changes from the management API: each [`AdminRequest`] is applied in one Postgres
+//! transaction that also bumps the moderation version, then the whole state is written as
+//! the Redis snapshot (announced on the moderation channel) and the gateway is answered.
+//!
+//! **Invariant:** the snapshot of version N holds every change up to N: the version row is
+//! locked first in each change's transaction, so changes commit in version order and each
+//! reads the state after all earlier ones.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use deadpool_postgres::{GenericClient, Pool};
+use shared::bus::{self, Entry};
+use shared::event::{EventId, Kind, PubKey};
+use shared::moderation::{self, AdminReply, AdminRequest, Change, Current, Moderation};
+use shared::store::StoreError;
+use shared::worker::Context;
+
+/// Applies and answers every management request among `entries` (other entries are left
+/// to the event path).
+pub async fn handle(ctx: &Context, current: &Current, entries: &[Entry]) {
+    for payload in entries.iter().filter_map(|e| e.payload.as_deref()) {
+        if !moderation::is_admin_entry(payload) {
+            continue;
+        }
+        let request: AdminRequest = match bus::decode(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "dropping undecodable management request");
+                continue;
+            }
+        };
+        let result = match apply(&ctx.db, &request.admin).await {
+            Ok(state) => {
+                let version = state.version;
+                publish(ctx, current, state).await.map(|()| version)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, change = ?request.admin, "management change failed");
+                Err("error: the change could not be stored; try again".to_owned())
+            }
+        };
+        tracing::info!(change = ?request.admin, ok = result.is_ok(), "management change");
+        let reply = AdminReply {
+            request: request.request,
+            result,
+        };
+        let mut redis = ctx.redis.clone();
+        let sent: redis::RedisResult<()> = redis::cmd("PUBLISH")
+            .arg(ctx.bus.admin_channel(&request.gateway))
+            .arg(bus::encode(&reply))
+            .query_async(&mut redis)
+            .await;
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "cannot answer a management request");
+        }
+    }
+}
+
+/// Writes the snapshot and takes it as this worker's own state.
+async fn publish(ctx: &Context, current: &Current, state: Moderation) -> Result<(), String> {
+    let mut redis = ctx.redis.clone();
+    let stored = moderation::store(&mut redis, &ctx.bus, &state).await;
+    current.offer(state);
+    stored.map(|_| ()).map_err(|e| {
+        tracing::error!(error = %e, "cannot write the moderation snapshot");
+        "error: the change was stored but not yet announced; it will be at the next worker start"
+            .to_owned()
+    })
+}
+
+/// At start: writes the state from Postgres as the snapshot (kept if Redis has this version
+/// already, rebuilt if Redis lost it), retrying until it works.
+pub async fn rebuild_snapshot(ctx: Context, current: Current) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let loaded = async {
+            let client = ctx.db.get().await?;
+            load_state(&client).await
+        }
+        .await;
+        match loaded {
+            Ok(state) => {
+                let mut redis = ctx.redis.clone();
+                match moderation::store(&mut redis, &ctx.bus, &state).await {
+                    Ok(written) => {
+                        if written {
+                            tracing::info!(
+                                version = state.version,
+                                "moderation snapshot rebuilt from the database"
+                            );
+                        }
+                        current.offer(state);
+                        return;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot write the moderation snapshot"),
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the moderation state"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Applies one change and returns the state after it.
+async fn apply(db: &Pool, change: &Change) -> Result<Moderation, StoreError> {
+    let mut client = db.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute("UPDATE moderation_version SET version = version + 1", &[])
+        .await?;
+    match change {
+        Change::BanPubkey { pubkey, reason } => {
+            tx.execute(
+                "INSERT INTO banned_pubkeys (pubkey, reason) VALUES ($1, $2) \
+                 ON CONFLICT (pubkey) DO UPDATE SET reason = EXCLUDED.reason",
+                &[&pubkey.as_bytes().as_slice(), reason],
+            )
+            .await?;
+        }
+        Change::UnbanPubkey { pubkey } => {
+            tx.execute(
+                "DELETE FROM banned_pubkeys WHERE pubkey = $1",
+                &[&pubkey.as_bytes().as_slice()],
+            )
+            .await?;
+        }
+        Change::AllowPubkey { pubkey, reason } => {
+            tx.execute(
+                "INSERT INTO allowed_pubkeys (pubkey, reason) VALUES ($1, $2) \
+                 ON CONFLICT (pubkey) DO UPDATE SET reason = EXCLUDED.reason",
+                &[&pubkey.as_bytes().as_slice(), reason],
+            )
+            .await?;
+        }
+        Change::UnallowPubkey { pubkey } => {
+            tx.execute(
+                "DELETE FROM allowed_pubkeys WHERE pubkey = $1",
+                &[&pubkey.as_bytes().as_slice()],
+            )
+            .await?;
+        }
+        Change::BanEvent { id, reason } => {
+            tx.execute(
+                "INSERT INTO banned_events (id, reason) VALUES ($1, $2) \
+                 ON CONFLICT (id) DO UPDATE SET reason = EXCLUDED.reason",
+                &[&id.as_bytes().as_slice(), reason],
+            )
+            .await?;
+            tx.execute(
+                "DELETE FROM events WHERE id = $1",
+                &[&id.as_bytes().as_slice()],
+            )
+            .await?;
+        }
+        Change::AllowEvent { id } => {
+            tx.execute(
+                "DELETE FROM banned_events WHERE id = $1",
+                &[&id.as_bytes().as_slice()],
+            )
+            .await?;
+        }
+        Change::AllowKind { kind } => {
+            tx.execute(
+                "INSERT INTO allowed_kinds (kind) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[&i32::from(kind.0)],
+            )
+            .await?;
+        }
+        Change::DisallowKind { kind } => {
+            tx.execute(
+                "DELETE FROM allowed_kinds WHERE kind = $1",
+                &[&i32::from(kind.0)],
+            )
+            .await?;
+        }
+        Change::BlockIp { ip, reason } => {
+            tx.execute(
+                "INSERT INTO blocked_ips (ip, reason) VALUES ($1, $2) \
+                 ON CONFLICT (ip) DO UPDATE SET reason = EXCLUDED.reason",
+                &[&moderation::canonical_ip(*ip).to_string(), reason],
+            )
+            .await?;
+        }
+        Change::UnblockIp { ip } => {
+            tx.execute(
+                "DELETE FROM blocked_ips WHERE ip = $1",
+                &[&moderation::canonical_ip(*ip).to_string()],
+            )
+            .await?;
+        }
+        Change::RelayName(value) => set_info(&tx, "name", value).await?,
+        Change::RelayDescription(value) => set_info(&tx, "description", value).await?,
+        Change::RelayIcon(value) => set_info(&tx, "icon", value).await?,
+    }
+    let state = load_state(&tx).await?;
+    tx.commit().await?;
+    Ok(state)
+}
+
+async fn set_info(client: &impl GenericClient, field: &str, value: &str) -> Result<(), StoreError> {
+    client
+        .execute(
+            "INSERT INTO relay_info (field, value) VALUES ($1, $2) \
+             ON CONFLICT (field) DO UPDATE SET value = EXCLUDED.value",
+            &[&field, &value],
+        )
+        .await?;
+    Ok(())
+}
+
+/// The whole moderation state as stored. Rows that do not parse (written by hand) are
+/// skipped with a warning.
+pub async fn load_state(client: &impl GenericClient) -> Result<Moderation, StoreError> {
+    let version: i64 = client
+        .query_one("SELECT version FROM moderation_version", &[])
+        .await?
+        .get(0);
+    let mut state = Moderation {
+        version: u64::try_from(version).unwrap_or(0),
+        ..Moderation::default()
+    };
+    for row in client
+        .query("SELECT pubkey, reason FROM banned_pubkeys", &[])
+        .await?
+    {
+        if let Some(pk) = pubkey(row.get(0)) {
+            state.banned_pubkeys.insert(pk, row.get(1));
+        }
+    }
+    for row in client
+        .query("SELECT pubkey, reason FROM allowed_pubkeys", &[])
+        .await?
+    {
+        if let Some(pk) = pubkey(row.get(0)) {
+            state.allowed_pubkeys.insert(pk, row.get(1));
+        }
+    }
+    for row in client
+        .query("SELECT id, reason FROM banned_events", &[])
+        .await?
+    {
+        let id: &[u8] = row.get(0);
+        match <[u8; 32]>::try_from(id) {
+            Ok(bytes) => {
+                state
+                    .banned_events
+                    .insert(EventId::from_bytes(bytes), row.get(1));
+            }
+            Err(_) => tracing::warn!("skipping a banned event id that is not 32 bytes"),
+        }
+    }
+    for row in client.query("SELECT kind FROM allowed_kinds", &[]).await? {
+        let kind: i32 = row.get(0);
+        match u16::try_from(kind) {
+            Ok(k) => {
+                state.allowed_kinds.insert(Kind(k));
+            }
+            Err(_) => tracing::warn!(kind, "skipping an allowed kind out of range"),
+        }
+    }
+    for row in client
+        .query("SELECT ip, reason FROM blocked_ips", &[])
+        .await?
+    {
+        let ip: &str = row.get(0);
+        match ip.parse::<IpAddr>() {
+            Ok(ip) => {
+                state.blocked_ips.insert(ip, row.get(1));
+            }
+            Err(_) => tracing::warn!(ip, "skipping a blocked address that does not parse"),
+        }
+    }
+    for row in client
+        .query("SELECT field, value FROM relay_info", &[])
+        .await?
+    {
+        let field: &str = row.get(0);
+        let value: String = row.get(1);
+        match field {
+            "name" => state.name = Some(value),
+            "description" => state.description = Some(value),
+            "icon" => state.icon = Some(value),
+            _ => tracing::warn!(field, "skipping an unknown relay_info field"),
+        }
+    }
+    Ok(state)
+}
+
+fn pubkey(bytes: &[u8]) -> Option<PubKey> {
+    match <[u8; 32]>::try_from(bytes) {
+        Ok(b) => Some(PubKey::from_bytes(b)),
+        Err(_) => {
+            tracing::warn!("skipping a pubkey that is not 32 bytes");
+            None
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! `relay-admin`: the operator's command line (import, export, stats, delete, sync).
+//! The commands live in `ingest_worker::admin_cli`; this is glue: parse, run, exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use ingest_worker::admin_cli::{self, Cli};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Only warnings from the libraries; the commands report on stdout and stderr themselves.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match admin_cli::run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if admin_cli::is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relay-admin: {e:#}");
+            admin_cli::exit_code(&e)
+        }
+    }
+}
