@@ -8,7 +8,6 @@ use shared::bus::Viewer;
 use shared::filter::Filter;
 use shared::message::NegMessage;
 use shared::sql::items_query;
-use tracing::{Instrument, info_span};
 
 /// The largest responder message, in bytes (hex on the wire doubles it). The initiator asks
 /// again for what did not fit, so this bounds one reply, not what a session can learn.
@@ -58,19 +57,7 @@ async fn load_items(
     let client = db.get().await?;
     let limit = i64::try_from(max_items.saturating_add(1)).unwrap_or(i64::MAX);
     let q = items_query(filter, viewer, shared::unix_now(), limit);
-    let span = info_span!(
-        "SELECT events",
-        otel.kind = "client",
-        db.system.name = "postgresql",
-        db.operation.name = "SELECT",
-        db.collection.name = "events",
-    );
-    let rows = async {
-        let stmt = client.prepare_cached(&q.sql).await?;
-        client.query(&stmt, &q.param_refs()).await
-    }
-    .instrument(span)
-    .await?;
+    let rows = q.fetch(&client).await?;
     Ok(rows
         .iter()
         .filter_map(|row| {

@@ -12,7 +12,7 @@ use shared::event::EventId;
 use shared::message::raw_json;
 use shared::store::StoreError;
 use shared::worker::{Context, Handler};
-use tracing::{Instrument, info_span};
+use tracing::Instrument;
 
 use crate::QueryConfig;
 use shared::sql::{count_query, events_query};
@@ -139,19 +139,7 @@ impl Query {
                 continue;
             }
             let q = events_query(filter, &req.viewer, now, limit as i64);
-            let span = info_span!(
-                "SELECT events",
-                otel.kind = "client",
-                db.system.name = "postgresql",
-                db.operation.name = "SELECT",
-                db.collection.name = "events",
-            );
-            let found = async {
-                let stmt = client.prepare_cached(&q.sql).await?;
-                client.query(&stmt, &q.param_refs()).await
-            }
-            .instrument(span)
-            .await?;
+            let found = q.fetch(&client).await?;
             for row in found {
                 let id_bytes: &[u8] = row.get(0);
                 let Ok(id) = <[u8; 32]>::try_from(id_bytes).map(EventId::from_bytes) else {

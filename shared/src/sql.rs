@@ -18,6 +18,28 @@ pub struct Query {
 }
 
 impl Query {
+    /// Runs the query on `client` (a prepared, cached statement), traced as a database
+    /// client span.
+    pub async fn fetch(
+        &self,
+        client: &deadpool_postgres::Client,
+    ) -> Result<Vec<tokio_postgres::Row>, crate::store::StoreError> {
+        use tracing::Instrument;
+        let span = tracing::info_span!(
+            "SELECT events",
+            otel.kind = "client",
+            db.system.name = "postgresql",
+            db.operation.name = "SELECT",
+            db.collection.name = "events",
+        );
+        async {
+            let stmt = client.prepare_cached(&self.sql).await?;
+            Ok(client.query(&stmt, &self.param_refs()).await?)
+        }
+        .instrument(span)
+        .await
+    }
+
     /// Parameters as the driver wants them.
     pub fn param_refs(&self) -> Vec<&(dyn ToSql + Sync)> {
         self.params
