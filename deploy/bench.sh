@@ -18,6 +18,7 @@
 #   BENCH_DB             database of the bench cluster, dropped and created again on every
 #                        run (default nostr_bench)
 #   BENCH_KEEP_SERVICES  1: leave Redis and Postgres running afterwards
+#   BENCH_SKIP_BUILD     1: do not run cargo build; use the release binaries already built
 #   RUST_LOG             log filter of the relay processes (default info)
 #
 # Output: target/bench/report.{md,json}, target/bench/results/<scenario>.json (or .error),
@@ -248,7 +249,8 @@ run_scenario() {
     cpu_report "$OUT/.cpu-before" "$OUT/.cpu-after" "$RESULTS/$name.cpu.json"
     if (( rc != 0 )); then
         local why
-        why="$(grep -v '^\s*$' "$LOGS/bench-$name.log" | tail -n 1 | cut -c1-300)"
+        why="$(grep -h 'relay-bench: error:' "$LOGS/bench-$name.log" | tail -n 1 | cut -c1-300)"
+        [[ -n "$why" ]] || why="$(grep -v '^\s*$' "$LOGS/bench-$name.log" | tail -n 1 | cut -c1-300)"
         echo "exit $rc: ${why:-no output}" >"$RESULTS/$name.error"
         rm -f "$RESULTS/$name.json"
         log "scenario $name failed (exit $rc)"
@@ -263,8 +265,12 @@ log "profile: $PROFILE"
 rm -rf "$RESULTS" "$LOGS" "$OUT/report.md" "$OUT/report.json"
 mkdir -p "$RESULTS" "$LOGS"
 
-log "cargo build --release --workspace --bins"
-cargo build --release --workspace --bins
+if [[ "${BENCH_SKIP_BUILD:-0}" == 1 ]]; then
+    log "BENCH_SKIP_BUILD=1: using the binaries already in $BIN"
+else
+    log "cargo build --release --workspace --bins"
+    cargo build --release --workspace --bins
+fi
 for b in gateway ingest-worker query-worker relay-bench; do
     [[ -x "$BIN/$b" ]] || die "$BIN/$b not found after cargo build"
 done

@@ -240,8 +240,18 @@ struct ReportArgs {
     profile: Profile,
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    // One line, without a backtrace: deploy/bench.sh puts it in the report.
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relay-bench: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::VerifyRate(a) => finish(&a.common, verify_rate(&a)),
         Command::Report(a) => report(&a),
