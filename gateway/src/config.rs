@@ -46,6 +46,14 @@ pub struct Limits {
     /// and dropped; one over twice this size closes the connection (close code 1009).
     #[arg(long, env = "RELAY_MAX_MESSAGE_BYTES", default_value_t = 512 * 1024)]
     pub max_message_bytes: usize,
+    /// Read buffer of each WebSocket, in bytes (grows for larger messages as needed); small
+    /// buffers keep idle connections cheap.
+    #[arg(long, env = "RELAY_WS_READ_BUFFER_BYTES", default_value_t = 8 * 1024)]
+    pub ws_read_buffer_bytes: usize,
+    /// Bytes of outgoing frames gathered before a socket write; frames queued together go
+    /// out in one write.
+    #[arg(long, env = "RELAY_WS_WRITE_BUFFER_BYTES", default_value_t = 8 * 1024)]
+    pub ws_write_buffer_bytes: usize,
     /// Open subscriptions per connection; a `REQ` for one more gets `CLOSED rate-limited:`.
     #[arg(long, env = "RELAY_MAX_SUBSCRIPTIONS", default_value_t = 100)]
     pub max_subscriptions: usize,

@@ -70,6 +70,8 @@ async fn root(
             }),
         };
         return upgrade
+            .read_buffer_size(limits.ws_read_buffer_bytes)
+            .write_buffer_size(limits.ws_write_buffer_bytes)
             .max_message_size(hard_max)
             .max_frame_size(hard_max)
             .on_upgrade(move |socket| session::run(state, socket, peer));

@@ -139,6 +139,13 @@ pub async fn run(
     let expirer = tokio::spawn(expire_loop(Arc::clone(&state), stop_rx));
 
     let app = http::router(Arc::clone(&state));
+    // Replies are small and latency-bound: no Nagle delay (it costs ~40 ms per multi-frame
+    // answer against delayed ACKs).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<std::net::SocketAddr>(),

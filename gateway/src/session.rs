@@ -64,6 +64,9 @@ pub struct Peer {
     pub relay_host: String,
 }
 
+/// Most queued frames written before one flush.
+const WRITE_BATCH: usize = 64;
+
 /// How long a close frame may take to reach a client before the socket is dropped.
 const CLOSE_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -101,11 +104,26 @@ pub async fn run(state: Arc<AppState>, socket: WebSocket, peer: Peer) {
                 }
                 msg = rx.recv() => {
                     let Some(msg) = msg else { break };
-                    if let Message::Text(text) = &msg {
-                        crate::metrics::sent(text.as_str());
-                        sent += 1;
+                    // Everything already queued goes out with one flush.
+                    let mut batch = vec![msg];
+                    while batch.len() < WRITE_BATCH {
+                        match rx.try_recv() {
+                            Ok(more) => batch.push(more),
+                            Err(_) => break,
+                        }
                     }
-                    if sink.send(msg).await.is_err() {
+                    let mut failed = false;
+                    for msg in batch {
+                        if let Message::Text(text) = &msg {
+                            crate::metrics::sent(text.as_str());
+                            sent += 1;
+                        }
+                        if sink.feed(msg).await.is_err() {
+                            failed = true;
+                            break;
+                        }
+                    }
+                    if failed || sink.flush().await.is_err() {
                         break;
                     }
                 }
