@@ -1,6 +1,6 @@
 //! Client frames → `ClientMessage::parse`. Parsed events must verify without panicking and
-//! survive `to_json` / `canonical_json`; parsed filters must survive their wire form; every
-//! refusal must carry a NIP-01 prefix.
+//! survive `to_json` / `canonical_json`; parsed filters must survive their wire form; ids
+//! must keep NIP-01's length rule; every refusal must carry a NIP-01 prefix and stay short.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -23,11 +23,7 @@ fuzz_target!(|data: &[u8]| {
                 filters,
             },
         ) => {
-            let chars = sub_id.as_str().chars().count();
-            assert!(
-                (1..=64).contains(&chars),
-                "sub id of {chars} characters accepted"
-            );
+            check_sub_id(sub_id.as_str());
             assert!(!filters.is_empty(), "REQ/COUNT without filters accepted");
             for filter in &filters {
                 let json = serde_json::to_value(filter).expect("filter serializes");
@@ -35,13 +31,20 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(&back, filter);
             }
         }
-        Ok(ClientMessage::Close(sub_id)) => {
-            let chars = sub_id.as_str().chars().count();
-            assert!(
-                (1..=64).contains(&chars),
-                "sub id of {chars} characters accepted"
-            );
+        Ok(ClientMessage::NegOpen { sub_id, filter, .. }) => {
+            check_sub_id(sub_id.as_str());
+            let json = serde_json::to_value(&*filter).expect("filter serializes");
+            let back = Filter::from_value(&json).expect("serialized filter re-parses");
+            assert_eq!(back, *filter);
         }
+        Ok(
+            ClientMessage::Close(sub_id)
+            | ClientMessage::NegMsg { sub_id, .. }
+            | ClientMessage::NegClose(sub_id),
+        ) => {
+            check_sub_id(sub_id.as_str());
+        }
+
         Err(err) => {
             let prefix = err.prefix();
             assert!(
@@ -61,3 +64,12 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+/// NIP-01: a subscription id is 1 to 64 characters.
+fn check_sub_id(sub_id: &str) {
+    let chars = sub_id.chars().count();
+    assert!(
+        (1..=64).contains(&chars),
+        "sub id of {chars} characters accepted"
+    );
+}

@@ -64,6 +64,20 @@ pub struct Peer {
     pub relay_host: String,
 }
 
+/// The close frame owed to a client whose frame could not be read: 1009 for a message over
+/// the hard size limit, 1007 for invalid UTF-8 in a text frame, nothing when the socket is
+/// simply gone.
+fn read_error_close(e: &axum::Error) -> Option<(u16, &'static str)> {
+    let text = e.to_string();
+    if text.contains("too long") || text.contains("Space limit") || text.contains("too big") {
+        Some((close_code::SIZE, "message too big"))
+    } else if text.contains("UTF-8") || text.contains("utf-8") || text.contains("Utf8") {
+        Some((close_code::INVALID, "text frame is not valid UTF-8"))
+    } else {
+        None
+    }
+}
+
 /// Most queued frames written before one flush.
 const WRITE_BATCH: usize = 64;
 
@@ -189,7 +203,7 @@ pub async fn run(state: Arc<AppState>, socket: WebSocket, peer: Peer) {
                 Some(Ok(Message::Close(_))) | None => break None,
                 Some(Err(e)) => {
                     tracing::debug!(conn = conn.0, error = %e, "websocket error");
-                    break None;
+                    break read_error_close(&e);
                 }
             },
         }

@@ -63,26 +63,31 @@ fn search_text(filter: &Filter) -> Option<String> {
 
 /// The conditions of one filter, ANDed.
 fn filter_predicate(q: &mut Query, filter: &Filter) -> String {
+    filter_predicate_except(q, filter, None)
+}
+
+/// [`filter_predicate`] without the condition on tag `skip` (it drives the query instead).
+fn filter_predicate_except(q: &mut Query, filter: &Filter, skip: Option<char>) -> String {
     let mut conds: Vec<String> = Vec::new();
     if let Some(ids) = &filter.ids {
         let v: Vec<Vec<u8>> = ids.iter().map(|i| i.as_bytes().to_vec()).collect();
-        conds.push(format!("id = ANY({})", q.bind(v)));
+        conds.push(format!("e.id = ANY({})", q.bind(v)));
     }
     if let Some(authors) = &filter.authors {
         let v: Vec<Vec<u8>> = authors.iter().map(|a| a.as_bytes().to_vec()).collect();
-        conds.push(format!("pubkey = ANY({})", q.bind(v)));
+        conds.push(format!("e.pubkey = ANY({})", q.bind(v)));
     }
     if let Some(kinds) = &filter.kinds {
         let v: Vec<i32> = kinds.iter().map(|k| i32::from(k.0)).collect();
-        conds.push(format!("kind = ANY({})", q.bind(v)));
+        conds.push(format!("e.kind = ANY({})", q.bind(v)));
     }
     if let Some(since) = filter.since {
-        conds.push(format!("created_at >= {}", q.bind(since)));
+        conds.push(format!("e.created_at >= {}", q.bind(since)));
     }
     if let Some(until) = filter.until {
-        conds.push(format!("created_at <= {}", q.bind(until)));
+        conds.push(format!("e.created_at <= {}", q.bind(until)));
     }
-    for (letter, values) in &filter.tags {
+    for (letter, values) in filter.tags.iter().filter(|(l, _)| Some(**l) != skip) {
         let name = q.bind(letter.to_string());
         // Postgres text cannot hold NUL, and values with NUL are never indexed: they match
         // nothing stored, so they are left out (an empty list matches nothing).
@@ -93,12 +98,12 @@ fn filter_predicate(q: &mut Query, filter: &Filter) -> String {
             .collect();
         let vals = q.bind(values);
         conds.push(format!(
-            "seq IN (SELECT t.event_seq FROM tags t WHERE t.name = {name} AND t.value = ANY({vals}))"
+            "e.seq IN (SELECT t.event_seq FROM tags t WHERE t.name = {name} AND t.value = ANY({vals}))"
         ));
     }
     if let Some(text) = search_text(filter) {
         conds.push(format!(
-            "search @@ websearch_to_tsquery('{SEARCH_CONFIG}', {})",
+            "e.search @@ websearch_to_tsquery('{SEARCH_CONFIG}', {})",
             q.bind(text)
         ));
     }
@@ -112,7 +117,7 @@ fn filter_predicate(q: &mut Query, filter: &Filter) -> String {
 /// What every query hides: expired events, and restricted kinds the viewer may not read.
 fn visibility(q: &mut Query, viewer: &Viewer, now: i64) -> String {
     let mut conds = vec![format!(
-        "(expires_at IS NULL OR expires_at > {})",
+        "(e.expires_at IS NULL OR e.expires_at > {})",
         q.bind(now)
     )];
     if !viewer.restricted_kinds.is_empty() {
@@ -123,7 +128,7 @@ fn visibility(q: &mut Query, viewer: &Viewer, now: i64) -> String {
             .collect();
         let kinds = q.bind(kinds);
         if viewer.authed.is_empty() {
-            conds.push(format!("kind <> ALL({kinds})"));
+            conds.push(format!("e.kind <> ALL({kinds})"));
         } else {
             let keys: Vec<Vec<u8>> = viewer
                 .authed
@@ -134,8 +139,8 @@ fn visibility(q: &mut Query, viewer: &Viewer, now: i64) -> String {
             let keys = q.bind(keys);
             let hexes = q.bind(hexes);
             conds.push(format!(
-                "(kind <> ALL({kinds}) OR pubkey = ANY({keys}) OR \
-                 seq IN (SELECT t.event_seq FROM tags t WHERE t.name = 'p' AND t.value = ANY({hexes})))"
+                "(e.kind <> ALL({kinds}) OR e.pubkey = ANY({keys}) OR \
+                 e.seq IN (SELECT t.event_seq FROM tags t WHERE t.name = 'p' AND t.value = ANY({hexes})))"
             ));
         }
     }
@@ -146,18 +151,53 @@ fn visibility(q: &mut Query, viewer: &Viewer, now: i64) -> String {
 /// relevance when the filter has a `search`.
 pub fn events_query(filter: &Filter, viewer: &Viewer, now: i64, limit: i64) -> Query {
     let mut q = Query::default();
-    let pred = filter_predicate(&mut q, filter);
-    let vis = visibility(&mut q, viewer, now);
-    let order = match search_text(filter) {
-        Some(text) => format!(
-            "ts_rank(search, websearch_to_tsquery('{SEARCH_CONFIG}', {})) DESC, created_at DESC, id",
-            q.bind(text)
-        ),
-        None => "created_at DESC, id".to_owned(),
+    // A tag condition without ids or search drives the query from the tags index
+    // (name, value, created_at): walked newest first, it stops after `limit` matches instead
+    // of collecting every event that carries a popular tag.
+    let driving = match (&filter.ids, search_text(filter)) {
+        (None, None) => filter.tags.iter().next(),
+        _ => None,
     };
+    let Some((letter, values)) = driving else {
+        let pred = filter_predicate(&mut q, filter);
+        let vis = visibility(&mut q, viewer, now);
+        let order = match search_text(filter) {
+            Some(text) => format!(
+                "ts_rank(e.search, websearch_to_tsquery('{SEARCH_CONFIG}', {})) DESC, e.created_at DESC, e.id",
+                q.bind(text)
+            ),
+            None => "e.created_at DESC, e.id".to_owned(),
+        };
+        let limit = q.bind(limit);
+        q.sql = format!(
+            "SELECT e.id, e.created_at, e.json FROM events e WHERE {pred} AND {vis} ORDER BY {order} LIMIT {limit}"
+        );
+        return q;
+    };
+    let name = q.bind(letter.to_string());
+    let values: Vec<String> = values
+        .iter()
+        .filter(|v| !v.contains('\0'))
+        .cloned()
+        .collect();
+    let vals = q.bind(values);
+    let mut tag_conds = format!("d.name = {name} AND d.value = ANY({vals})");
+    if let Some(kinds) = &filter.kinds {
+        let v: Vec<i32> = kinds.iter().map(|k| i32::from(k.0)).collect();
+        tag_conds.push_str(&format!(" AND d.kind = ANY({})", q.bind(v)));
+    }
+    if let Some(since) = filter.since {
+        tag_conds.push_str(&format!(" AND d.created_at >= {}", q.bind(since)));
+    }
+    if let Some(until) = filter.until {
+        tag_conds.push_str(&format!(" AND d.created_at <= {}", q.bind(until)));
+    }
+    let pred = filter_predicate_except(&mut q, filter, Some(*letter));
+    let vis = visibility(&mut q, viewer, now);
     let limit = q.bind(limit);
     q.sql = format!(
-        "SELECT id, created_at, json FROM events WHERE {pred} AND {vis} ORDER BY {order} LIMIT {limit}"
+        "SELECT e.id, e.created_at, e.json FROM tags d JOIN events e ON e.seq = d.event_seq \
+         WHERE {tag_conds} AND {pred} AND {vis} ORDER BY d.created_at DESC, e.id LIMIT {limit}"
     );
     q
 }
@@ -171,7 +211,7 @@ pub fn count_query(filters: &[&Filter], viewer: &Viewer, now: i64) -> Query {
         .collect();
     let vis = visibility(&mut q, viewer, now);
     q.sql = format!(
-        "SELECT count(*) FROM events WHERE ({}) AND {vis}",
+        "SELECT count(*) FROM events e WHERE ({}) AND {vis}",
         preds.join(" OR ")
     );
     q
@@ -184,7 +224,7 @@ pub fn items_query(filter: &Filter, viewer: &Viewer, now: i64, limit: i64) -> Qu
     let pred = filter_predicate(&mut q, filter);
     let vis = visibility(&mut q, viewer, now);
     let limit = q.bind(limit);
-    q.sql = format!("SELECT created_at, id FROM events WHERE {pred} AND {vis} LIMIT {limit}");
+    q.sql = format!("SELECT e.created_at, e.id FROM events e WHERE {pred} AND {vis} LIMIT {limit}");
     q
 }
 
@@ -234,8 +274,17 @@ mod tests {
         let q = count_query(&[&f, &f], &Viewer::default(), 0);
         assert!(
             q.sql
-                .starts_with("SELECT count(*) FROM events WHERE ((TRUE) OR (TRUE))"),
+                .starts_with("SELECT count(*) FROM events e WHERE ((TRUE) OR (TRUE))"),
             "{}",
+            q.sql
+        );
+        let tagged = filter(serde_json::json!({"#p": ["a".repeat(64)], "kinds": [3], "limit": 5}));
+        let q = events_query(&tagged, &Viewer::default(), 0, 5);
+        assert!(
+            q.sql
+                .starts_with("SELECT e.id, e.created_at, e.json FROM tags d JOIN events e")
+                && q.sql.contains("ORDER BY d.created_at DESC"),
+            "a tag drives the query: {}",
             q.sql
         );
     }
