@@ -32,7 +32,7 @@ help:
 	@echo "make services-down  stop them"
 	@echo "make clean-stack    stop all local services and delete their state"
 	@echo "make chart-check    check the deployment chart (deploy/chart-check.sh)"
-	@echo "make bench          benchmarks (not yet implemented)"
+	@echo "make bench          load-test a local cluster; report in target/bench/ (BENCH=full for full sizes)"
 
 # Build and run Redis, Postgres, one ingest-worker, one query-worker and
 # GATEWAYS gateways in the foreground; Ctrl-C stops everything.
