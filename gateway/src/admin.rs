@@ -21,13 +21,12 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::StreamExt as _;
 use serde_json::{Value, json};
 use shared::bus::{self, Role};
 use shared::event::{EventId, Kind, PubKey};
 use shared::moderation::{self, AdminReply, AdminRequest, Change, Moderation};
 use shared::nip98;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 
 use crate::AppState;
 
@@ -396,45 +395,9 @@ impl Params<'_> {
     }
 }
 
-/// Routes workers' answers (this gateway's admin channel) to the waiting handlers, until
-/// `stop` turns true. Reconnects with backoff.
-pub async fn replies(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
-    let channel = state.bus.admin_channel(&state.gateway);
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let subscribed = async {
-            let client = redis::Client::open(state.config.bus.redis_url.as_str())?;
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
-        }
-        .await;
-        match subscribed {
-            Ok(mut pubsub) => {
-                backoff = Duration::from_millis(100);
-                let mut messages = pubsub.on_message();
-                loop {
-                    tokio::select! {
-                        _ = crate::stopped(&mut stop) => return,
-                        msg = messages.next() => match msg {
-                            Some(msg) => deliver(&state, msg.get_payload_bytes()),
-                            None => break,
-                        },
-                    }
-                }
-                tracing::warn!("lost the admin reply subscription; reconnecting");
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot subscribe to admin replies; retrying"),
-        }
-        tokio::select! {
-            _ = crate::stopped(&mut stop) => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-    }
-}
-
-fn deliver(state: &AppState, payload: &[u8]) {
+/// Routes a worker's answer (from this gateway's admin channel, see [`crate::pubsub`]) to
+/// the waiting handler.
+pub fn deliver(state: &AppState, payload: &[u8]) {
     let reply = std::str::from_utf8(payload)
         .map_err(|e| e.to_string())
         .and_then(|text| bus::decode::<AdminReply>(text).map_err(|e| e.to_string()));

@@ -134,7 +134,6 @@ pub async fn run(
         state.bus.clone(),
         MODERATION_POLL,
     ));
-    let admin_replies = tokio::spawn(admin::replies(Arc::clone(&state), stop_rx.clone()));
     let subscriber = tokio::spawn(pubsub::run(Arc::clone(&state), stop_rx.clone()));
     let expirer = tokio::spawn(expire_loop(Arc::clone(&state), stop_rx));
 
@@ -169,7 +168,6 @@ pub async fn run(
     subscriber.abort();
     expirer.abort();
     moderation.abort();
-    admin_replies.abort();
     tracing::info!("gateway stopped");
     Ok(())
 }

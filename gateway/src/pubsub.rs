@@ -1,5 +1,6 @@
 //! The Redis subscriber: this gateway's reply channel and the live channel, dispatched into
-//! the [`crate::registry::Registry`]. Reconnects with backoff when Redis goes away.
+//! the [`crate::registry::Registry`], and its admin channel (NIP-86 answers, to
+//! [`crate::admin`]). Reconnects with backoff when Redis goes away.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -18,9 +19,10 @@ use crate::registry::LiveEvent;
 pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
     let reply_channel = state.bus.gateway_channel(&state.gateway);
     let live_channel = state.bus.live_channel();
+    let admin_channel = state.bus.admin_channel(&state.gateway);
     let mut backoff = Duration::from_millis(100);
     loop {
-        match subscribe(&state, &reply_channel, &live_channel).await {
+        match subscribe(&state, &[&reply_channel, &live_channel, &admin_channel]).await {
             Ok(mut pubsub) => {
                 state.pubsub_up.store(true, Ordering::Relaxed);
                 backoff = Duration::from_millis(100);
@@ -29,6 +31,9 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
                     tokio::select! {
                         _ = crate::stopped(&mut stop) => return,
                         msg = messages.next() => match msg {
+                            Some(msg) if msg.get_channel_name() == admin_channel => {
+                                crate::admin::deliver(&state, msg.get_payload_bytes());
+                            }
                             Some(msg) => dispatch(&state, msg.get_channel_name() == live_channel, msg.get_payload_bytes()),
                             None => break,
                         },
@@ -47,15 +52,12 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn subscribe(
-    state: &AppState,
-    reply: &str,
-    live: &str,
-) -> redis::RedisResult<redis::aio::PubSub> {
+async fn subscribe(state: &AppState, channels: &[&str]) -> redis::RedisResult<redis::aio::PubSub> {
     let client = redis::Client::open(state.config.bus.redis_url.as_str())?;
     let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.subscribe(reply).await?;
-    pubsub.subscribe(live).await?;
+    for channel in channels {
+        pubsub.subscribe(*channel).await?;
+    }
     Ok(pubsub)
 }
 
