@@ -5,12 +5,11 @@
 
 use std::time::Duration;
 
-use shared::bus::{self, QueryKind, QueryRequest, ReqId, TraceContext, Viewer};
+use shared::bus::{QueryKind, ReqId, Viewer};
 use shared::filter::Filter;
 use shared::message::{NegMessage, SubId, neg_err_frame};
-use tracing::Instrument;
 
-use crate::cmd::req::{admit, send_span};
+use crate::cmd::req::{admit, send_query};
 use crate::ratelimit::{self, Limit};
 use crate::session::Session;
 
@@ -126,22 +125,8 @@ async fn publish(
     message: NegMessage,
 ) {
     let state = &session.state;
-    let stream = state.bus.query_stream(session.conn);
-    let send = send_span(&stream);
-    let request = QueryRequest {
-        gateway: state.gateway.clone(),
-        conn: session.conn,
-        req,
-        sub_id: sub_id.clone(),
-        filters: vec![filter],
-        kind: QueryKind::Negentropy { message },
-        viewer,
-        trace: TraceContext::of(&send),
-    };
-    let mut redis = state.redis.clone();
-    let added = bus::add_entry(&mut redis, &stream, &bus::encode(&request))
-        .instrument(send)
-        .await;
+    let kind = QueryKind::Negentropy { message };
+    let added = send_query(session, req, &sub_id, vec![filter], kind, viewer).await;
     if let Err(e) = added {
         tracing::warn!(error = %e, sub = %sub_id, "cannot publish negentropy round");
         let reason = "error: the relay cannot reconcile right now; try again".to_owned();

@@ -62,22 +62,15 @@ impl Subscribe {
         if stored_done {
             return;
         }
-        let stream = state.bus.query_stream(session.conn);
-        let send = send_span(&stream);
-        let request = QueryRequest {
-            gateway: state.gateway.clone(),
-            conn: session.conn,
+        let added = send_query(
+            session,
             req,
-            sub_id: self.sub_id.clone(),
-            filters: query,
-            kind: QueryKind::Events,
-            viewer: session.viewer(),
-            trace: TraceContext::of(&send),
-        };
-        let mut redis = state.redis.clone();
-        let added = bus::add_entry(&mut redis, &stream, &bus::encode(&request))
-            .instrument(send)
-            .await;
+            &self.sub_id,
+            query,
+            QueryKind::Events,
+            session.viewer(),
+        )
+        .await;
         if let Err(e) = added {
             tracing::warn!(error = %e, sub = %self.sub_id, "cannot publish query");
             state.registry.close(
@@ -127,4 +120,32 @@ pub fn send_span(stream: &str) -> tracing::Span {
         messaging.operation.type = "send",
         messaging.destination.name = %stream,
     )
+}
+
+/// Puts a query on this connection's query stream shard, traced as a producer span.
+pub async fn send_query(
+    session: &Session,
+    req: ReqId,
+    sub_id: &SubId,
+    filters: Vec<Filter>,
+    kind: QueryKind,
+    viewer: shared::bus::Viewer,
+) -> Result<(), bus::BusError> {
+    let state = &session.state;
+    let stream = state.bus.query_stream(session.conn);
+    let send = send_span(&stream);
+    let request = QueryRequest {
+        gateway: state.gateway.clone(),
+        conn: session.conn,
+        req,
+        sub_id: sub_id.clone(),
+        filters,
+        kind,
+        viewer,
+        trace: TraceContext::of(&send),
+    };
+    let mut redis = state.redis.clone();
+    bus::add_entry(&mut redis, &stream, &bus::encode(&request))
+        .instrument(send)
+        .await
 }
