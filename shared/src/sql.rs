@@ -61,6 +61,16 @@ fn search_text(filter: &Filter) -> Option<String> {
     (!terms.is_empty()).then(|| terms.join(" "))
 }
 
+/// Tag values that can match something stored: Postgres text cannot hold NUL and values
+/// with NUL are never indexed, so those are left out (an empty list matches nothing).
+fn storable_values(values: &[String]) -> Vec<String> {
+    values
+        .iter()
+        .filter(|v| !v.contains('\0'))
+        .cloned()
+        .collect()
+}
+
 /// The conditions of one filter, ANDed.
 fn filter_predicate(q: &mut Query, filter: &Filter) -> String {
     filter_predicate_except(q, filter, None)
@@ -89,14 +99,7 @@ fn filter_predicate_except(q: &mut Query, filter: &Filter, skip: Option<char>) -
     }
     for (letter, values) in filter.tags.iter().filter(|(l, _)| Some(**l) != skip) {
         let name = q.bind(letter.to_string());
-        // Postgres text cannot hold NUL, and values with NUL are never indexed: they match
-        // nothing stored, so they are left out (an empty list matches nothing).
-        let values: Vec<String> = values
-            .iter()
-            .filter(|v| !v.contains('\0'))
-            .cloned()
-            .collect();
-        let vals = q.bind(values);
+        let vals = q.bind(storable_values(values));
         conds.push(format!(
             "e.seq IN (SELECT t.event_seq FROM tags t WHERE t.name = {name} AND t.value = ANY({vals}))"
         ));
@@ -175,12 +178,7 @@ pub fn events_query(filter: &Filter, viewer: &Viewer, now: i64, limit: i64) -> Q
         return q;
     };
     let name = q.bind(letter.to_string());
-    let values: Vec<String> = values
-        .iter()
-        .filter(|v| !v.contains('\0'))
-        .cloned()
-        .collect();
-    let vals = q.bind(values);
+    let vals = q.bind(storable_values(values));
     let mut tag_conds = format!("d.name = {name} AND d.value = ANY({vals})");
     if let Some(kinds) = &filter.kinds {
         let v: Vec<i32> = kinds.iter().map(|k| i32::from(k.0)).collect();
