@@ -80,6 +80,9 @@ struct Item {
     conn: ConnId,
     id: EventId,
     event: Result<Event, String>,
+    /// The event JSON as the gateway serialized it (`Event::to_json`): stored and broadcast
+    /// as is, never serialized again.
+    json: String,
     span: tracing::Span,
 }
 
@@ -117,18 +120,18 @@ impl Handler for Ingest {
             false
         });
 
-        let storable: Vec<(usize, String)> = items
+        let storable: Vec<(usize, &str)> = items
             .iter()
             .enumerate()
             .filter_map(|(i, item)| match &item.event {
-                Ok(ev) if ev.class() != KindClass::Ephemeral => Some((i, ev.to_json())),
+                Ok(ev) if ev.class() != KindClass::Ephemeral => Some((i, item.json.as_str())),
                 _ => None,
             })
             .collect();
         let pending: Vec<Pending<'_>> = storable
             .iter()
-            .filter_map(|(i, json)| {
-                let event = items[*i].event.as_ref().ok()?;
+            .filter_map(|&(i, json)| {
+                let event = items[i].event.as_ref().ok()?;
                 let vanish = self.is_vanish_for_us(event);
                 Some(Pending {
                     event,
@@ -167,7 +170,7 @@ impl Handler for Ingest {
             let (outcome, accepted, message) = match &item.event {
                 Err(reason) => ("invalid", false, format!("invalid: {reason}")),
                 Ok(ev) if ev.class() == KindClass::Ephemeral => {
-                    replies.live(ctx, item, ev.to_json());
+                    replies.live(ctx, item, item.json.clone());
                     ("ephemeral", true, String::new())
                 }
                 Ok(_) => {
@@ -176,7 +179,7 @@ impl Handler for Ingest {
                     };
                     match result {
                         Ok(Outcome::Stored) => {
-                            replies.live(ctx, item, json.clone());
+                            replies.live(ctx, item, json.to_string());
                             ("stored", true, String::new())
                         }
                         Ok(Outcome::Duplicate) => ("duplicate", true, "duplicate: already have this event".into()),
@@ -275,6 +278,7 @@ fn verify_one(
                 conn,
                 id,
                 event,
+                json,
                 span,
             })
         }
