@@ -34,7 +34,10 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
                             Some(msg) if msg.get_channel_name() == admin_channel => {
                                 crate::admin::deliver(&state, msg.get_payload_bytes());
                             }
-                            Some(msg) => dispatch(&state, msg.get_channel_name() == live_channel, msg.get_payload_bytes()),
+                            Some(msg) => {
+                                let channel = msg.get_channel_name();
+                                dispatch(&state, channel, channel == live_channel, msg.get_payload_bytes());
+                            }
                             None => break,
                         },
                     }
@@ -61,7 +64,9 @@ async fn subscribe(state: &AppState, channels: &[&str]) -> redis::RedisResult<re
     Ok(pubsub)
 }
 
-fn dispatch(state: &AppState, is_live: bool, payload: &[u8]) {
+/// Handles one message from `channel` (the live channel when `is_live`, else this gateway's
+/// reply channel). The channel name comes with the message: nothing is formatted per message.
+fn dispatch(state: &AppState, channel: &str, is_live: bool, payload: &[u8]) {
     let Ok(text) = std::str::from_utf8(payload) else {
         tracing::warn!("dropping a bus message that is not UTF-8");
         return;
@@ -74,12 +79,7 @@ fn dispatch(state: &AppState, is_live: bool, payload: &[u8]) {
         let json = live.event.get().to_owned();
         match Event::from_json(&json) {
             Ok(event) => {
-                let span = receive_span(
-                    "deliver live",
-                    &state.gateway,
-                    &state.bus.live_channel(),
-                    &live.trace,
-                );
+                let span = receive_span("deliver live", &state.gateway, channel, &live.trace);
                 span.record("nostr.event.id", tracing::field::display(event.id));
                 let delivered =
                     span.in_scope(|| state.registry.live(Arc::new(LiveEvent { event, json })));
@@ -97,12 +97,7 @@ fn dispatch(state: &AppState, is_live: bool, payload: &[u8]) {
             message,
             trace,
         }) => {
-            let span = receive_span(
-                "deliver OK",
-                &state.gateway,
-                &state.bus.gateway_channel(&state.gateway),
-                &trace,
-            );
+            let span = receive_span("deliver OK", &state.gateway, channel, &trace);
             span.record("nostr.event.id", tracing::field::display(event_id));
             let frame = ok_frame(&event_id, accepted, &message);
             span.in_scope(|| state.registry.ok(conn, event_id, frame));
@@ -116,12 +111,7 @@ fn dispatch(state: &AppState, is_live: bool, payload: &[u8]) {
             trace,
         }) => {
             if eose {
-                let span = receive_span(
-                    "deliver EOSE",
-                    &state.gateway,
-                    &state.bus.gateway_channel(&state.gateway),
-                    &trace,
-                );
+                let span = receive_span("deliver EOSE", &state.gateway, channel, &trace);
                 span.record("nostr.subscription.id", tracing::field::display(&sub_id));
                 span.in_scope(|| state.registry.stored(conn, req, &sub_id, events, eose));
             } else {
