@@ -154,7 +154,7 @@ fn receive_span(
     channel: &str,
     trace: &TraceContext,
 ) -> tracing::Span {
-    let span = tracing::info_span!(
+    let span = shared::trace_span!(
         "receive",
         otel.name = name,
         otel.kind = "consumer",

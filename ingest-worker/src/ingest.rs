@@ -11,11 +11,12 @@ use shared::event::{Event, EventId, Kind, KindClass};
 use shared::message::raw_json;
 use shared::moderation::{self, Current, is_admin_entry};
 use shared::worker::{Context, Handler};
-use tracing::{Instrument, info_span};
+use tracing::Instrument;
 
 use crate::write::{self, Outcome, Pending};
 
 /// The ingest worker's [`Handler`].
+#[derive(Clone)]
 pub struct Ingest {
     /// This relay's host, for NIP-62 requests addressed to it.
     relay_host: Option<String>,
@@ -146,7 +147,7 @@ impl Handler for Ingest {
             // One span for the batch's transaction, a child of the first event's trace and
             // linked to the others.
             let first = &items[storable[0].0].span;
-            let span = info_span!(
+            let span = shared::trace_span!(
                 parent: first,
                 "INSERT events",
                 otel.kind = "client",
@@ -262,7 +263,7 @@ async fn verify_all(decoded: Vec<(GatewayId, ConnId, String, tracing::Span)>) ->
 fn verify_one(
     (gateway, conn, json, span): (GatewayId, ConnId, String, tracing::Span),
 ) -> Option<Item> {
-    let _verify = info_span!(parent: &span, "verify").entered();
+    let _verify = shared::trace_span!(parent: &span, "verify").entered();
     match Event::from_json(&json) {
         Ok(event) => {
             span.record("nostr.event.id", tracing::field::display(event.id));

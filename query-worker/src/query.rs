@@ -18,6 +18,7 @@ use crate::QueryConfig;
 use shared::sql::{count_query, events_query};
 
 /// The query worker's [`Handler`].
+#[derive(Clone)]
 pub struct Query {
     config: QueryConfig,
 }

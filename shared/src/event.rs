@@ -5,7 +5,7 @@
 //! Whether the id and signature are *right* is a separate, more expensive step:
 //! [`Event::verify`], run by the ingest workers.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -74,6 +74,17 @@ fn decode_lower_hex<const N: usize>(s: &str, field: &'static str) -> Result<[u8;
     Ok(out)
 }
 
+/// Writes `bytes` as lowercase hex into `out` (twice as long) and returns it as text.
+fn encode_lower_hex<'a>(bytes: &[u8], out: &'a mut [u8]) -> &'a str {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0x0f)];
+    }
+    // ok: only ASCII digits were written, and `out` is exactly twice `bytes`.
+    std::str::from_utf8(out).unwrap_or_default()
+}
+
 macro_rules! hex_id {
     ($(#[$doc:meta])* $name:ident, $len:expr, $field:expr) => {
         $(#[$doc])*
@@ -95,25 +106,30 @@ macro_rules! hex_id {
             }
             /// Lowercase hex, as on the wire.
             pub fn to_hex(&self) -> String {
-                hex::encode(self.0)
+                self.with_hex(str::to_owned)
+            }
+            /// Calls `f` with the lowercase hex, encoded on the stack (no allocation).
+            pub fn with_hex<R>(&self, f: impl FnOnce(&str) -> R) -> R {
+                let mut buf = [0u8; $len * 2];
+                f(encode_lower_hex(&self.0, &mut buf))
             }
         }
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.to_hex())
+                self.with_hex(|h| f.write_str(h))
             }
         }
 
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}({})", stringify!($name), self.to_hex())
+                self.with_hex(|h| write!(f, "{}({h})", stringify!($name)))
             }
         }
 
         impl Serialize for $name {
             fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(&self.to_hex())
+                self.with_hex(|h| s.serialize_str(h))
             }
         }
 
@@ -374,11 +390,10 @@ pub fn canonical_json(
 ) -> String {
     let mut out = String::with_capacity(96 + content.len() + tags.len() * 80);
     out.push_str("[0,\"");
-    out.push_str(&pubkey.to_hex());
+    pubkey.with_hex(|h| out.push_str(h));
     out.push_str("\",");
-    out.push_str(&created_at.to_string());
-    out.push(',');
-    out.push_str(&kind.0.to_string());
+    // ok: writing to a String cannot fail.
+    let _ = write!(out, "{created_at},{}", kind.0);
     out.push_str(",[");
     for (i, tag) in tags.iter().enumerate() {
         if i > 0 {
@@ -413,21 +428,28 @@ pub fn compute_id(
     EventId(id)
 }
 
-/// Appends `s` as a JSON string with NIP-01's escaping rules.
+/// Appends `s` as a JSON string with NIP-01's escaping rules, copying the runs between
+/// escaped bytes whole.
 fn push_escaped(out: &mut String, s: &str) {
     out.push('"');
-    for c in s.chars() {
-        match c {
-            '\n' => out.push_str("\\n"),
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{08}' => out.push_str("\\b"),
-            '\u{0C}' => out.push_str("\\f"),
-            c => out.push(c),
-        }
+    let mut run = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escaped = match b {
+            b'\n' => "\\n",
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0C => "\\f",
+            _ => continue,
+        };
+        // The escaped bytes are ASCII, so `i` is a character boundary.
+        out.push_str(&s[run..i]);
+        out.push_str(escaped);
+        run = i + 1;
     }
+    out.push_str(&s[run..]);
     out.push('"');
 }
 

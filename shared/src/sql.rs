@@ -25,7 +25,7 @@ impl Query {
         client: &deadpool_postgres::Client,
     ) -> Result<Vec<tokio_postgres::Row>, crate::store::StoreError> {
         use tracing::Instrument;
-        let span = tracing::info_span!(
+        let span = crate::trace_span!(
             "SELECT events",
             otel.kind = "client",
             db.system.name = "postgresql",

@@ -44,6 +44,11 @@ pub struct WorkerConfig {
     /// milliseconds.
     #[arg(long, env = "RELAY_HEARTBEAT_MS", default_value_t = 2000)]
     pub heartbeat_ms: u64,
+    /// Batches this process handles at once, each read by its own consumer in the group
+    /// (`<consumer name>-<n>` after the first): while one batch waits on Postgres, the next
+    /// is being verified or queried.
+    #[arg(long, env = "RELAY_CONCURRENCY", default_value_t = 2)]
+    pub concurrency: usize,
 }
 
 /// A worker failure that stops the process.
@@ -79,7 +84,8 @@ pub struct Context {
 
 /// The worker-specific part: handle one batch of entries. Every entry must be answered
 /// (a reply to its gateway) before this returns; the loop then acknowledges the batch.
-pub trait Handler {
+/// Each of the [`WorkerConfig::concurrency`] loops has its own clone.
+pub trait Handler: Clone {
     /// Called once when the worker is ready, before the first batch; may spawn background
     /// tasks (they end with the process).
     fn start(&mut self, _ctx: &Context) {}
@@ -119,22 +125,40 @@ pub async fn run<H: Handler>(
     let bus = Bus::new(bus_config);
     let db = store::pool(db_config)?;
     store::migrate(&db, startup).await?;
-    let reader = bus::connect(
-        &bus_config.redis_url,
-        block + Duration::from_secs(5),
-        startup,
-    )
-    .await?;
     let redis = bus::connect(&bus_config.redis_url, Duration::from_secs(5), startup).await?;
     let name = config
         .consumer_name
         .clone()
         .unwrap_or_else(|| format!("{}-{}", role.name(), hex::encode(rand::random::<[u8; 4]>())));
-    let mut consumer =
-        Consumer::join(reader, &bus, role, name, config.batch_size.max(1), block).await?;
+    // One consumer per loop, each with its own connection: a blocking read holds one.
+    let mut consumers = Vec::new();
+    for n in 0..config.concurrency.max(1) {
+        let reader = bus::connect(
+            &bus_config.redis_url,
+            block + Duration::from_secs(5),
+            startup,
+        )
+        .await?;
+        let consumer_name = if n == 0 {
+            name.clone()
+        } else {
+            format!("{name}-{n}")
+        };
+        consumers.push(
+            Consumer::join(
+                reader,
+                &bus,
+                role,
+                consumer_name,
+                config.batch_size.max(1),
+                block,
+            )
+            .await?,
+        );
+    }
     let ctx = Context { bus, redis, db };
 
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -142,7 +166,7 @@ pub async fn run<H: Handler>(
     let heartbeat = tokio::spawn(heartbeat_loop(
         ctx.clone(),
         role,
-        consumer.name().to_owned(),
+        name.clone(),
         Duration::from_millis(config.heartbeat_ms.max(100)),
         healthy,
         stop_rx.clone(),
@@ -150,12 +174,38 @@ pub async fn run<H: Handler>(
     handler.start(&ctx);
     tracing::info!(
         role = role.name(),
-        consumer = consumer.name(),
+        consumer = %name,
+        loops = consumers.len(),
         "worker ready"
     );
     println!("ready");
 
     let claim_idle = Duration::from_millis(config.claim_idle_ms.max(1));
+    futures_util::future::join_all(consumers.into_iter().map(|consumer| {
+        consume(
+            role,
+            consumer,
+            handler.clone(),
+            &ctx,
+            claim_idle,
+            stop_rx.clone(),
+        )
+    }))
+    .await;
+    tracing::info!(role = role.name(), "worker stopping");
+    let _ = heartbeat.await;
+    Ok(())
+}
+
+/// One loop: read (or take over) a batch, handle it, acknowledge it, until `stop`.
+async fn consume<H: Handler>(
+    role: Role,
+    mut consumer: Consumer,
+    mut handler: H,
+    ctx: &Context,
+    claim_idle: Duration,
+    mut stop_rx: tokio::sync::watch::Receiver<bool>,
+) {
     let claim_every = (claim_idle / 2).max(Duration::from_millis(100));
     let mut next_claim = tokio::time::Instant::now() + claim_every;
     let mut backoff = Duration::from_millis(100);
@@ -194,15 +244,12 @@ pub async fn run<H: Handler>(
         }
         metrics::histogram!("nostr_worker_batch_size", "role" => role.name())
             .record(entries.len() as f64);
-        handler.handle(&ctx, &entries).await;
+        handler.handle(ctx, &entries).await;
         if let Err(e) = consumer.ack(&entries).await {
             // The entries stay pending and are handled again; inserts are idempotent.
             tracing::warn!(error = %e, count = entries.len(), "acknowledging the batch failed");
         }
     }
-    tracing::info!(role = role.name(), "worker stopping");
-    let _ = heartbeat.await;
-    Ok(())
 }
 
 /// The span of handling one stream entry (OpenTelemetry messaging conventions), a child of
@@ -213,7 +260,7 @@ pub fn process_span(
     trace: &crate::bus::TraceContext,
 ) -> tracing::Span {
     use tracing::field::Empty;
-    let span = tracing::info_span!(
+    let span = crate::trace_span!(
         "process",
         otel.name = %format!("process {}", entry.stream),
         otel.kind = "consumer",

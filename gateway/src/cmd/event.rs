@@ -4,7 +4,7 @@ use shared::bus::{self, IngestRequest, TraceContext};
 use shared::event::Event;
 use shared::message::{ok_frame, raw_json};
 use shared::telemetry::record_trace_id;
-use tracing::{Instrument, field::Empty, info_span};
+use tracing::{Instrument, field::Empty};
 
 use crate::policy;
 use crate::ratelimit::{self, Limit};
@@ -25,7 +25,7 @@ impl Publish {
     /// Checks policy and rate limits, then appends the event to its ingest stream shard.
     /// Traced as the root `EVENT` span; the ingest worker continues the trace.
     pub async fn handle(self, session: &mut Session) {
-        let span = info_span!(
+        let span = shared::trace_span!(
             "EVENT",
             otel.kind = "server",
             nostr.event.id = %self.event.id,
@@ -58,7 +58,7 @@ impl Publish {
             return;
         };
         let stream = state.bus.ingest_stream(&id);
-        let send = info_span!(
+        let send = shared::trace_span!(
             "send",
             otel.name = %format!("send {stream}"),
             otel.kind = "producer",

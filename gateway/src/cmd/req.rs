@@ -5,7 +5,7 @@ use shared::bus::{self, QueryKind, QueryRequest, ReqId, TraceContext};
 use shared::filter::Filter;
 use shared::message::{SubId, closed_frame};
 use shared::telemetry::record_trace_id;
-use tracing::{Instrument, field::Empty, info_span};
+use tracing::{Instrument, field::Empty};
 
 use crate::policy;
 use crate::ratelimit::{self, Limit};
@@ -26,7 +26,7 @@ impl Subscribe {
     /// Registers the subscription, then publishes the query. Filters with `limit: 0` (or
     /// that can match nothing) need no query; if none needs one, EOSE is sent at once.
     pub async fn handle(self, session: &mut Session) {
-        let span = info_span!(
+        let span = shared::trace_span!(
             "REQ",
             otel.kind = "server",
             nostr.subscription.id = %self.sub_id,
@@ -112,7 +112,7 @@ pub async fn admit(
 
 /// The producer span of a query sent to `stream`.
 pub fn send_span(stream: &str) -> tracing::Span {
-    info_span!(
+    shared::trace_span!(
         "send",
         otel.name = %format!("send {stream}"),
         otel.kind = "producer",
