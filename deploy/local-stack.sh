@@ -255,12 +255,24 @@ pg_psql() {
 
 pg_write_conf() {
     local port="$1" sock_escaped="${PG_SOCK//\'/\'\'}" conf="$PG_DATA/local-stack.conf"
+    # Shared buffers: an eighth of the machine's memory, between 128 MB and 1 GB.
+    local mem_mb
+    mem_mb="$(awk '/^MemTotal:/ { m = int($2 / 1024 / 8); if (m < 128) m = 128; if (m > 1024) m = 1024; print m }' /proc/meminfo 2>/dev/null)"
+    [[ "$mem_mb" =~ ^[0-9]+$ ]] || mem_mb=128
     {
         echo "# Written by deploy/local-stack.sh on every start; do not edit."
         echo "listen_addresses = '127.0.0.1'"
         echo "port = $port"
         echo "unix_socket_directories = '$sock_escaped'"
         echo "max_connections = 200"
+        # Write-heavy tuning: Postgres's defaults (128 MB of buffers, a checkpoint per GB
+        # of WAL) make every backend write pages itself and every page's first change
+        # after a checkpoint a full-page image; under ingest that doubled the WAL per event.
+        echo "shared_buffers = ${mem_mb}MB"
+        echo "wal_buffers = 64MB"
+        echo "max_wal_size = 8GB"
+        echo "checkpoint_timeout = 30min"
+        echo "wal_compression = on"
         if [[ "${FAST:-0}" == 1 ]]; then
             echo "fsync = off"
             echo "synchronous_commit = off"

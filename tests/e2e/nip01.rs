@@ -115,7 +115,10 @@ async fn every_filter_field_ordering_limit_and_or() {
     let b2 = bob.sign(
         t0 + 30,
         Kind(1),
-        vec![vec!["t".into(), "nostr".into()]],
+        vec![
+            vec!["t".into(), "nostr".into()],
+            vec!["t".into(), "rust".into()],
+        ],
         "b2",
     );
     // Two events at the same second: ties are broken by lowest id first.
@@ -148,6 +151,12 @@ async fn every_filter_field_ordering_limit_and_or() {
             vec![&b2, &b1],
         ),
         (json!({"#T": ["Upper"]}), vec![&b1]),
+        // b2 carries both values: it counts once towards the limit.
+        (json!({"#t": ["nostr", "rust"], "limit": 2}), vec![&b2, &b1]),
+        (
+            json!({"#t": ["rust", "nostr"], "kinds": [1]}),
+            vec![&b2, &b1, &a1],
+        ),
         (json!({"#e": [a1.id.to_hex()]}), vec![&a2]),
         (json!({"#p": [b]}), vec![&a2]),
         (
