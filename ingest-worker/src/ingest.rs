@@ -2,7 +2,6 @@
 
 use std::time::Instant;
 
-use redis::aio::ConnectionManager;
 use shared::bus::{
     self, ConnId, Entry, GatewayId, GatewayReply, IngestRequest, LiveEvent, TraceContext,
 };
@@ -104,7 +103,7 @@ impl Handler for Ingest {
         }
     }
 
-    async fn handle(&mut self, ctx: &Context, entries: &[Entry]) {
+    async fn handle(&mut self, ctx: &Context, entries: &[Entry]) -> redis::Pipeline {
         crate::admin::handle(ctx, &self.moderation, entries).await;
         let mut items = verify_all(decode_all(entries)).await;
         let mut replies = Replies::default();
@@ -209,7 +208,7 @@ impl Handler for Ingest {
                 .in_scope(|| tracing::debug!(outcome, "event handled"));
             replies.ok(ctx, item, accepted, message);
         }
-        replies.send(ctx.redis.clone()).await;
+        replies.pipe
     }
 }
 
@@ -290,12 +289,11 @@ fn verify_one(
     }
 }
 
-/// Replies and live events of a batch, sent in one pipelined round trip. Each carries the
-/// trace context of its event's span.
+/// Replies and live events of a batch, sent by the worker loop in one pipelined round trip
+/// with the batch's acknowledgements. Each carries the trace context of its event's span.
 #[derive(Default)]
 struct Replies {
     pipe: redis::Pipeline,
-    count: usize,
 }
 
 impl Replies {
@@ -310,7 +308,6 @@ impl Replies {
         self.pipe
             .publish(ctx.bus.gateway_channel(&item.gateway), bus::encode(&reply))
             .ignore();
-        self.count += 1;
     }
 
     fn live(&mut self, ctx: &Context, item: &Item, json: String) {
@@ -324,16 +321,5 @@ impl Replies {
         self.pipe
             .publish(ctx.bus.live_channel(), bus::encode(&live))
             .ignore();
-        self.count += 1;
-    }
-
-    async fn send(self, mut redis: ConnectionManager) {
-        if self.count == 0 {
-            return;
-        }
-        let sent: redis::RedisResult<()> = self.pipe.query_async(&mut redis).await;
-        if let Err(e) = sent {
-            tracing::error!(error = %e, count = self.count, "publishing replies failed");
-        }
     }
 }

@@ -9,6 +9,7 @@
 use deadpool_postgres::{Pool, Transaction};
 use shared::event::{Event, EventId, Kind, KindClass, PubKey};
 use shared::store::StoreError;
+use tokio_postgres::types::ToSql;
 
 /// What happened to one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,12 +135,26 @@ fn is_simple(p: &Pending<'_>) -> bool {
 }
 
 async fn store_in_tx(db: &Pool, batch: &[Pending<'_>]) -> Result<Vec<Outcome>, StoreError> {
+    let simple: Vec<usize> = (0..batch.len()).filter(|&i| is_simple(&batch[i])).collect();
+    if simple.len() == batch.len() {
+        return store_all_simple(db, batch, &simple).await;
+    }
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
     let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
-    let simple: Vec<usize> = (0..batch.len()).filter(|&i| is_simple(&batch[i])).collect();
     if !simple.is_empty() {
-        for (i, outcome) in store_simple(&tx, batch, &simple).await? {
+        let columns = Columns::new(batch, &simple);
+        let (lock, insert) = futures_util::try_join!(
+            tx.prepare_cached(LOCK_SHARED_MANY),
+            tx.prepare_cached(INSERT_MANY)
+        )?;
+        // Polled together, the two are sent in one round trip, in this order.
+        let (lock_params, insert_params) = (columns.lock_params(), columns.params());
+        let (_, rows) = futures_util::try_join!(
+            tx.execute(&lock, &lock_params),
+            tx.query(&insert, &insert_params)
+        )?;
+        for (i, outcome) in columns.outcomes(&rows) {
             outcomes[i] = Some(outcome);
         }
     }
@@ -155,141 +170,173 @@ async fn store_in_tx(db: &Pool, batch: &[Pending<'_>]) -> Result<Vec<Outcome>, S
         .collect())
 }
 
+/// A batch of regular events only (the usual case) in one round trip: `BEGIN`, the
+/// authors' shared locks, the insert with its checks, and `COMMIT`, pipelined. Postgres
+/// runs them in order; if one fails, the rest fail too and the `COMMIT` rolls back.
+async fn store_all_simple(
+    db: &Pool,
+    batch: &[Pending<'_>],
+    simple: &[usize],
+) -> Result<Vec<Outcome>, StoreError> {
+    let client = db.get().await?;
+    let columns = Columns::new(batch, simple);
+    let (lock, insert) = futures_util::try_join!(
+        client.prepare_cached(LOCK_SHARED_MANY),
+        client.prepare_cached(INSERT_MANY)
+    )?;
+    let (lock_params, insert_params) = (columns.lock_params(), columns.params());
+    let (begin, locked, rows, commit) = futures_util::future::join4(
+        client.batch_execute("BEGIN"),
+        client.execute(&lock, &lock_params),
+        client.query(&insert, &insert_params),
+        client.batch_execute("COMMIT"),
+    )
+    .await;
+    begin?;
+    locked?;
+    let rows = rows?;
+    commit?;
+    let mut outcomes = vec![Outcome::Duplicate; batch.len()];
+    for (i, outcome) in columns.outcomes(&rows) {
+        outcomes[i] = outcome;
+    }
+    Ok(outcomes)
+}
+
 const LOCK_SHARED_MANY: &str =
     "SELECT pg_advisory_xact_lock_shared(k) FROM unnest($1::bigint[]) AS k";
 
-const DELETED_IDS: &str = "SELECT d.id FROM deleted_events d \
-     JOIN unnest($1::bytea[], $2::bytea[]) AS t(id, pubkey) ON d.id = t.id AND d.pubkey = t.pubkey";
+/// Regular events and their tags in one statement, after the NIP-62 and NIP-09 checks
+/// (run after the authors' locks are held, by an earlier statement of the transaction).
+/// Returns, for each event not stored, why (`vanished`, `deleted`), and `stored` for each
+/// event inserted; an event in none of these was already stored (a duplicate).
+const INSERT_MANY: &str = "WITH t AS ( \
+       SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::int[], $4::bigint[], $5::bigint[], $6::text[], $7::text[]) \
+         AS t(id, pk, k, c, e, s, j)), \
+     refused AS ( \
+       SELECT t.id, CASE WHEN EXISTS (SELECT 1 FROM vanished v WHERE v.pubkey = t.pk AND t.c <= v.until) \
+                    THEN 'vanished' ELSE 'deleted' END AS why \
+       FROM t \
+       WHERE EXISTS (SELECT 1 FROM vanished v WHERE v.pubkey = t.pk AND t.c <= v.until) \
+          OR EXISTS (SELECT 1 FROM deleted_events d WHERE d.id = t.id AND d.pubkey = t.pk)), \
+     ins AS ( \
+       INSERT INTO events (id, pubkey, kind, created_at, d_tag, expires_at, search, json) \
+       SELECT id, pk, k, c, NULL, e, CASE WHEN s = '' THEN NULL ELSE to_tsvector('simple', s) END, j \
+       FROM t WHERE t.id NOT IN (SELECT id FROM refused) \
+       ON CONFLICT (id) DO NOTHING RETURNING id, seq, kind, created_at), \
+     tagged AS ( \
+       INSERT INTO tags (event_seq, name, value, kind, created_at) \
+       SELECT ins.seq, g.n, g.v, ins.kind, ins.created_at \
+       FROM unnest($8::bytea[], $9::text[], $10::text[]) AS g(id, n, v) JOIN ins ON ins.id = g.id) \
+     SELECT id, 'stored' FROM ins UNION ALL SELECT id, why FROM refused";
 
-const VANISHED_UNTIL: &str = "SELECT pubkey, until FROM vanished WHERE pubkey = ANY($1)";
+/// The batch's regular events as the columns [`INSERT_MANY`] takes, each event once.
+struct Columns<'a> {
+    /// The authors' advisory lock keys, sorted (locks are taken in key order).
+    keys: Vec<i64>,
+    ids: Vec<&'a [u8]>,
+    pubkeys: Vec<&'a [u8]>,
+    kinds: Vec<i32>,
+    created: Vec<i64>,
+    expires: Vec<Option<i64>>,
+    search: Vec<String>,
+    json: Vec<&'a str>,
+    tag_ids: Vec<&'a [u8]>,
+    tag_names: Vec<String>,
+    tag_values: Vec<&'a str>,
+    /// The batch index of each row, and of the repeats left out (duplicates).
+    rows: Vec<usize>,
+    repeats: Vec<usize>,
+}
 
-const INSERT_MANY: &str = "INSERT INTO events (id, pubkey, kind, created_at, d_tag, expires_at, search, json) \
-     SELECT id, pk, k, c, NULL, e, CASE WHEN s = '' THEN NULL ELSE to_tsvector('simple', s) END, j \
-     FROM unnest($1::bytea[], $2::bytea[], $3::int[], $4::bigint[], $5::bigint[], $6::text[], $7::text[]) \
-       AS t(id, pk, k, c, e, s, j) \
-     ON CONFLICT (id) DO NOTHING RETURNING id, seq";
-
-const INSERT_TAGS_MANY: &str = "INSERT INTO tags (event_seq, name, value, kind, created_at) \
-     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::int[], $5::bigint[])";
-
-/// Stores the batch's regular events with a handful of statements whatever their number:
-/// one lock statement (authors' shared locks, in key order), one tombstone check, one
-/// vanish check, one multi-row insert and one tags insert.
-async fn store_simple(
-    tx: &Transaction<'_>,
-    batch: &[Pending<'_>],
-    simple: &[usize],
-) -> Result<Vec<(usize, Outcome)>, StoreError> {
-    let mut keys: Vec<i64> = simple
-        .iter()
-        .map(|&i| author_lock(&batch[i].event.pubkey))
-        .collect();
-    keys.sort_unstable();
-    keys.dedup();
-    tx.execute(&tx.prepare_cached(LOCK_SHARED_MANY).await?, &[&keys])
-        .await?;
-
-    let ids: Vec<&[u8]> = simple
-        .iter()
-        .map(|&i| batch[i].event.id.as_bytes().as_slice())
-        .collect();
-    let pubkeys: Vec<&[u8]> = simple
-        .iter()
-        .map(|&i| batch[i].event.pubkey.as_bytes().as_slice())
-        .collect();
-    let deleted: std::collections::HashSet<Vec<u8>> = tx
-        .query(&tx.prepare_cached(DELETED_IDS).await?, &[&ids, &pubkeys])
-        .await?
-        .into_iter()
-        .map(|r| r.get::<_, Vec<u8>>(0))
-        .collect();
-    let vanished: std::collections::HashMap<Vec<u8>, i64> = tx
-        .query(&tx.prepare_cached(VANISHED_UNTIL).await?, &[&pubkeys])
-        .await?
-        .into_iter()
-        .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, i64>(1)))
-        .collect();
-
-    let mut outcomes = Vec::with_capacity(simple.len());
-    let mut insert: Vec<usize> = Vec::with_capacity(simple.len());
-    for &i in simple {
-        let ev = batch[i].event;
-        let until = vanished.get(ev.pubkey.as_bytes().as_slice());
-        if until.is_some_and(|u| ev.created_at <= *u) {
-            outcomes.push((i, Outcome::Vanished));
-        } else if deleted.contains(ev.id.as_bytes().as_slice()) {
-            outcomes.push((i, Outcome::Deleted));
-        } else {
-            insert.push(i);
-        }
-    }
-    if insert.is_empty() {
-        return Ok(outcomes);
-    }
-    let ids: Vec<&[u8]> = insert
-        .iter()
-        .map(|&i| batch[i].event.id.as_bytes().as_slice())
-        .collect();
-    let pubkeys: Vec<&[u8]> = insert
-        .iter()
-        .map(|&i| batch[i].event.pubkey.as_bytes().as_slice())
-        .collect();
-    let kinds: Vec<i32> = insert
-        .iter()
-        .map(|&i| i32::from(batch[i].event.kind.0))
-        .collect();
-    let created: Vec<i64> = insert.iter().map(|&i| batch[i].event.created_at).collect();
-    let expires: Vec<Option<i64>> = insert
-        .iter()
-        .map(|&i| batch[i].event.expiration())
-        .collect();
-    let search: Vec<String> = insert
-        .iter()
-        .map(|&i| batch[i].event.content.replace('\0', ""))
-        .collect();
-    let json: Vec<&str> = insert.iter().map(|&i| batch[i].json).collect();
-    let rows = tx
-        .query(
-            &tx.prepare_cached(INSERT_MANY).await?,
-            &[&ids, &pubkeys, &kinds, &created, &expires, &search, &json],
-        )
-        .await?;
-    let stored: std::collections::HashMap<Vec<u8>, i64> = rows
-        .into_iter()
-        .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, i64>(1)))
-        .collect();
-
-    let (mut t_seq, mut t_name, mut t_value, mut t_kind, mut t_created) =
-        (vec![], vec![], vec![], vec![], vec![]);
-    // The same event twice in one batch: the first is stored, the second a duplicate.
-    let mut seen = std::collections::HashSet::new();
-    for &i in &insert {
-        let ev = batch[i].event;
-        match stored
-            .get(ev.id.as_bytes().as_slice())
-            .filter(|_| seen.insert(ev.id))
-        {
-            Some(&seq) => {
-                for (name, value) in indexed(ev) {
-                    t_seq.push(seq);
-                    t_name.push(name);
-                    t_value.push(value);
-                    t_kind.push(i32::from(ev.kind.0));
-                    t_created.push(ev.created_at);
-                }
-                outcomes.push((i, Outcome::Stored));
+impl<'a> Columns<'a> {
+    fn new(batch: &[Pending<'a>], simple: &[usize]) -> Self {
+        let mut keys: Vec<i64> = simple
+            .iter()
+            .map(|&i| author_lock(&batch[i].event.pubkey))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut c = Columns {
+            keys,
+            ids: vec![],
+            pubkeys: vec![],
+            kinds: vec![],
+            created: vec![],
+            expires: vec![],
+            search: vec![],
+            json: vec![],
+            tag_ids: vec![],
+            tag_names: vec![],
+            tag_values: vec![],
+            rows: vec![],
+            repeats: vec![],
+        };
+        // The same event twice in one batch: the first is inserted, the second a duplicate.
+        let mut seen = std::collections::HashSet::new();
+        for &i in simple {
+            let ev: &'a Event = batch[i].event;
+            if !seen.insert(ev.id) {
+                c.repeats.push(i);
+                continue;
             }
-            None => outcomes.push((i, Outcome::Duplicate)),
+            c.rows.push(i);
+            c.ids.push(ev.id.as_bytes().as_slice());
+            c.pubkeys.push(ev.pubkey.as_bytes().as_slice());
+            c.kinds.push(i32::from(ev.kind.0));
+            c.created.push(ev.created_at);
+            c.expires.push(ev.expiration());
+            c.search.push(ev.content.replace('\0', ""));
+            c.json.push(batch[i].json);
+            for (name, value) in indexed(ev) {
+                c.tag_ids.push(ev.id.as_bytes().as_slice());
+                c.tag_names.push(name);
+                c.tag_values.push(value);
+            }
         }
+        c
     }
-    if !t_seq.is_empty() {
-        tx.execute(
-            &tx.prepare_cached(INSERT_TAGS_MANY).await?,
-            &[&t_seq, &t_name, &t_value, &t_kind, &t_created],
-        )
-        .await?;
+
+    fn lock_params(&self) -> [&(dyn ToSql + Sync); 1] {
+        [&self.keys]
     }
-    Ok(outcomes)
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 10] {
+        [
+            &self.ids,
+            &self.pubkeys,
+            &self.kinds,
+            &self.created,
+            &self.expires,
+            &self.search,
+            &self.json,
+            &self.tag_ids,
+            &self.tag_names,
+            &self.tag_values,
+        ]
+    }
+
+    /// Each event's outcome (batch index first) from the rows [`INSERT_MANY`] returned.
+    fn outcomes(&self, rows: &[tokio_postgres::Row]) -> Vec<(usize, Outcome)> {
+        let said: std::collections::HashMap<Vec<u8>, Outcome> = rows
+            .iter()
+            .map(|r| {
+                let outcome = match r.get::<_, &str>(1) {
+                    "stored" => Outcome::Stored,
+                    "vanished" => Outcome::Vanished,
+                    _ => Outcome::Deleted,
+                };
+                (r.get::<_, Vec<u8>>(0), outcome)
+            })
+            .collect();
+        let rows = self
+            .rows
+            .iter()
+            .zip(&self.ids)
+            .map(|(&i, id)| (i, said.get(*id).copied().unwrap_or(Outcome::Duplicate)));
+        rows.chain(self.repeats.iter().map(|&i| (i, Outcome::Duplicate)))
+            .collect()
+    }
 }
 
 /// The tags indexed for `#x` queries: single-letter names with their first value, except

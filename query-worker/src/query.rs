@@ -38,7 +38,7 @@ struct Row {
 }
 
 impl Handler for Query {
-    async fn handle(&mut self, ctx: &Context, entries: &[Entry]) {
+    async fn handle(&mut self, ctx: &Context, entries: &[Entry]) -> redis::Pipeline {
         let requests = entries.iter().filter_map(|entry| {
             match entry.payload.as_deref().map(bus::decode::<QueryRequest>) {
                 Some(Ok(req)) => {
@@ -62,6 +62,8 @@ impl Handler for Query {
             self.answer(ctx, req, trace).instrument(span)
         }))
         .await;
+        // Each answer was sent as soon as it was ready.
+        redis::pipe()
     }
 }
 

@@ -599,10 +599,10 @@ impl Consumer {
         Ok(out)
     }
 
-    /// Acknowledges and deletes handled entries. Deleting is safe because each stream has
-    /// exactly one consumer group; it keeps the streams from growing.
-    pub async fn ack(&mut self, entries: &[Entry]) -> Result<(), BusError> {
-        let mut pipe = redis::pipe();
+    /// Adds to `pipe` the commands that acknowledge and delete handled entries. Deleting is
+    /// safe because each stream has exactly one consumer group; it keeps the streams from
+    /// growing. Any connection may send them.
+    pub fn ack_into(&self, pipe: &mut redis::Pipeline, entries: &[Entry]) {
         for stream in &self.streams {
             let ids: Vec<&str> = entries
                 .iter()
@@ -614,8 +614,6 @@ impl Consumer {
                 pipe.xdel(stream, &ids).ignore();
             }
         }
-        let () = pipe.query_async(&mut self.conn).await?;
-        Ok(())
     }
 }
 

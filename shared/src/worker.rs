@@ -83,15 +83,17 @@ pub struct Context {
 }
 
 /// The worker-specific part: handle one batch of entries. Every entry must be answered
-/// (a reply to its gateway) before this returns; the loop then acknowledges the batch.
-/// Each of the [`WorkerConfig::concurrency`] loops has its own clone.
+/// before this returns: sent already, or put in the returned pipeline (replies to
+/// gateways, live events), which the loop sends followed by the batch's acknowledgements,
+/// in one round trip. Each of the [`WorkerConfig::concurrency`] loops has its own clone.
 pub trait Handler: Clone {
     /// Called once when the worker is ready, before the first batch; may spawn background
     /// tasks (they end with the process).
     fn start(&mut self, _ctx: &Context) {}
 
-    /// Handles a batch.
-    fn handle(&mut self, ctx: &Context, entries: &[Entry]) -> impl Future<Output = ()>;
+    /// Handles a batch; returns what is left to publish (possibly an empty pipeline).
+    fn handle(&mut self, ctx: &Context, entries: &[Entry])
+    -> impl Future<Output = redis::Pipeline>;
 }
 
 /// Runs the worker until `shutdown` completes, then finishes and acknowledges the batch in
@@ -244,10 +246,13 @@ async fn consume<H: Handler>(
         }
         metrics::histogram!("nostr_worker_batch_size", "role" => role.name())
             .record(entries.len() as f64);
-        handler.handle(ctx, &entries).await;
-        if let Err(e) = consumer.ack(&entries).await {
-            // The entries stay pending and are handled again; inserts are idempotent.
-            tracing::warn!(error = %e, count = entries.len(), "acknowledging the batch failed");
+        let mut pipe = handler.handle(ctx, &entries).await;
+        consumer.ack_into(&mut pipe, &entries);
+        let sent: redis::RedisResult<()> = pipe.query_async(&mut ctx.redis.clone()).await;
+        if let Err(e) = sent {
+            // Unacknowledged entries stay pending and are handled again after
+            // RELAY_CLAIM_IDLE_MS; inserts are idempotent.
+            tracing::warn!(error = %e, count = entries.len(), "publishing the batch's replies or acknowledging it failed");
         }
     }
 }
