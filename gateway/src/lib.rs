@@ -26,7 +26,7 @@ pub mod session;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -58,6 +58,9 @@ pub struct AppState {
     pub registry: Registry,
     /// Whether the reply/live subscriber is connected.
     pub pubsub_up: AtomicBool,
+    /// WebSocket sessions whose socket is not closed yet (the shutdown drain waits for
+    /// them; a connection leaves the registry earlier, when it stops taking messages).
+    pub open_sessions: AtomicUsize,
     /// Becomes `true` when the gateway is shutting down.
     pub stopping: watch::Receiver<bool>,
     /// Read-restricted kinds (from the validated configuration).
@@ -120,6 +123,7 @@ pub async fn run(
             },
         ),
         pubsub_up: AtomicBool::new(false),
+        open_sessions: AtomicUsize::new(0),
         stopping: stop_rx.clone(),
         restricted_kinds,
         relay_host,
@@ -158,10 +162,11 @@ pub async fn run(
     .context("HTTP server failed")?;
 
     let deadline = tokio::time::Instant::now() + drain;
-    while state.registry.connections() > 0 && tokio::time::Instant::now() < deadline {
+    while state.open_sessions.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let left = state.registry.connections();
+    let left = state.open_sessions.load(Ordering::Relaxed);
     if left > 0 {
         tracing::warn!(left, "drain deadline passed with connections still open");
     }

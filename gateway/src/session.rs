@@ -84,8 +84,27 @@ const WRITE_BATCH: usize = 64;
 /// How long a close frame may take to reach a client before the socket is dropped.
 const CLOSE_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Counts a session in [`AppState::open_sessions`] until its socket is closed.
+struct OpenSession<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> OpenSession<'a> {
+    fn new(state: &'a AppState) -> Self {
+        state
+            .open_sessions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        OpenSession(&state.open_sessions)
+    }
+}
+
+impl Drop for OpenSession<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Runs a session until the client leaves, it is too slow, or the gateway stops.
 pub async fn run(state: Arc<AppState>, socket: WebSocket, peer: Peer) {
+    let _open = OpenSession::new(&state);
     let conn = ConnId(state.next_id());
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::channel::<Message>(state.config.limits.send_queue.max(1));
@@ -217,6 +236,19 @@ pub async fn run(state: Arc<AppState>, socket: WebSocket, peer: Peer) {
     }
     drop(tx);
     let sent = writer.await.unwrap_or(0);
+    if close.is_some() {
+        // The closing handshake: read until the client answers our close frame (or goes),
+        // so the socket ends with a FIN, not a reset with the answer unread, which can
+        // make the client lose the close frame itself.
+        let _ = tokio::time::timeout(CLOSE_SEND_TIMEOUT, async {
+            while let Some(Ok(msg)) = stream.next().await {
+                if matches!(msg, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
     crate::metrics::connection_closed();
     tracing::info!(
         conn = conn.0,
