@@ -214,11 +214,11 @@ const INSERT_MANY: &str = "WITH t AS ( \
        SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::int[], $4::bigint[], $5::bigint[], $6::text[], $7::text[]) \
          AS t(id, pk, k, c, e, s, j)), \
      refused AS ( \
-       SELECT t.id, CASE WHEN EXISTS (SELECT 1 FROM vanished v WHERE v.pubkey = t.pk AND t.c <= v.until) \
-                    THEN 'vanished' ELSE 'deleted' END AS why \
+       SELECT t.id, CASE WHEN v.pubkey IS NOT NULL THEN 'vanished' ELSE 'deleted' END AS why \
        FROM t \
-       WHERE EXISTS (SELECT 1 FROM vanished v WHERE v.pubkey = t.pk AND t.c <= v.until) \
-          OR EXISTS (SELECT 1 FROM deleted_events d WHERE d.id = t.id AND d.pubkey = t.pk)), \
+       LEFT JOIN vanished v ON v.pubkey = t.pk AND t.c <= v.until \
+       LEFT JOIN deleted_events d ON d.id = t.id AND d.pubkey = t.pk \
+       WHERE v.pubkey IS NOT NULL OR d.id IS NOT NULL), \
      ins AS ( \
        INSERT INTO events (id, pubkey, kind, created_at, d_tag, expires_at, search, json) \
        SELECT id, pk, k, c, NULL, e, CASE WHEN s = '' THEN NULL ELSE to_tsvector('simple', s) END, j \

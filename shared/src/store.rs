@@ -130,7 +130,27 @@ const MIGRATION_LOCK: i64 = 0x6e6f_7374_7201;
 
 /// Builds the pool. Connections are opened lazily; see [`migrate`] for the first contact.
 pub fn pool(config: &DatabaseConfig) -> Result<Pool, StoreError> {
-    let pg = tokio_postgres::Config::from_str(&config.database_url).map_err(StoreError::Url)?;
+    build_pool(config, None)
+}
+
+/// Like [`pool`], but each connection plans a prepared statement once and keeps the plan
+/// (`plan_cache_mode = force_generic_plan`). For the ingest worker: its statements take a
+/// whole batch as arrays, so no plan depends on the values, and Postgres otherwise planned
+/// the batch insert anew on every execution (0.6 ms of a 3 ms publish at low load). Not for
+/// queries, whose plans do depend on the filter's values.
+pub fn write_pool(config: &DatabaseConfig) -> Result<Pool, StoreError> {
+    build_pool(config, Some("-c plan_cache_mode=force_generic_plan"))
+}
+
+fn build_pool(config: &DatabaseConfig, options: Option<&str>) -> Result<Pool, StoreError> {
+    let mut pg = tokio_postgres::Config::from_str(&config.database_url).map_err(StoreError::Url)?;
+    if let Some(options) = options {
+        let options = match pg.get_options() {
+            Some(given) => format!("{given} {options}"),
+            None => options.to_owned(),
+        };
+        pg.options(&options);
+    }
     let manager = Manager::from_config(
         pg,
         NoTls,

@@ -125,7 +125,10 @@ pub async fn run<H: Handler>(
     let startup = Duration::from_secs(config.startup_timeout_secs);
     let block = Duration::from_millis(config.block_ms);
     let bus = Bus::new(bus_config);
-    let db = store::pool(db_config)?;
+    let db = match role {
+        Role::Ingest => store::write_pool(db_config)?,
+        Role::Query => store::pool(db_config)?,
+    };
     store::migrate(&db, startup).await?;
     let redis = bus::connect(&bus_config.redis_url, Duration::from_secs(5), startup).await?;
     let name = config
