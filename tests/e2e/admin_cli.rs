@@ -134,6 +134,22 @@ async fn import_export_stats_delete() {
     let summary = import(&cluster, &[old_profile]).await;
     assert_eq!(count(&summary, "superseded"), 1, "{summary}");
 
+    // NIP-86 moderation holds for imports too: a banned author's event is refused.
+    let banned = Keys::generate();
+    let (db, conn) = tokio_postgres::connect(&cluster.db_url, tokio_postgres::NoTls)
+        .await
+        .expect("database");
+    tokio::spawn(conn);
+    db.execute(
+        "INSERT INTO banned_pubkeys (pubkey, reason) VALUES ($1, 'spam')",
+        &[&banned.pubkey().as_bytes().as_slice()],
+    )
+    .await
+    .expect("ban");
+    let summary = import(&cluster, &[note(&banned, t, "spam")]).await;
+    assert_eq!(count(&summary, "  blocked"), 1, "{summary}");
+    assert_eq!(count(&summary, "accepted"), 0, "{summary}");
+
     // Export with a filter, oldest first: exactly the notes, in order.
     let filter = json!({"kinds": [1], "authors": [keys.pubkey().to_hex()]}).to_string();
     let out = admin(&cluster, &["export", "--filter", &filter], None).await;

@@ -1,7 +1,8 @@
 //! `import`: JSON lines → parse → verify (over every core) → [`write::store_batch`].
 //!
 //! [`Importer`] is also how `sync` stores what it pulls, so both take exactly the ingest
-//! worker's storage path; only the fan-out to live subscribers is missing.
+//! worker's storage path and its NIP-86 moderation (bans, allow lists, allowed kinds, as
+//! stored when the run starts); only the fan-out to live subscribers is missing.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal as _;
@@ -87,6 +88,8 @@ fn reason_of(e: &EventError) -> &'static str {
 pub struct Importer {
     pool: Pool,
     relay_host: Option<String>,
+    /// The NIP-86 moderation state, read from Postgres before the first batch is stored.
+    moderation: Option<shared::moderation::Moderation>,
     /// Counts so far.
     pub tally: Tally,
     reported: u64,
@@ -102,6 +105,7 @@ impl Importer {
         Importer {
             pool,
             relay_host: public.public_url.as_deref().map(relay_host),
+            moderation: None,
             tally: Tally::default(),
             reported: 0,
             progress: Progress::new(),
@@ -140,6 +144,18 @@ impl Importer {
     }
 
     async fn store(&mut self, checked: Vec<Checked>) -> anyhow::Result<()> {
+        if self.moderation.is_none() {
+            let client = self
+                .pool
+                .get()
+                .await
+                .context("connecting to the database")?;
+            let state = crate::admin::load_state(&client)
+                .await
+                .context("reading the moderation state (NIP-86)")?;
+            self.moderation = Some(state);
+        }
+        let moderation = self.moderation.clone().unwrap_or_default();
         let now = shared::unix_now();
         let mut events = Vec::with_capacity(checked.len());
         for (label, result) in checked {
@@ -150,7 +166,7 @@ impl Importer {
                     Some(("ephemeral", "ephemeral kinds are never stored".to_owned()))
                 }
                 Ok(e) if e.is_expired(now) => Some(("expired", "expired (NIP-40)".to_owned())),
-                Ok(_) => None,
+                Ok(e) => moderation.refuses(e).map(|why| ("blocked", why)),
             };
             match (refusal, result) {
                 (Some((reason, detail)), _) => self.refuse(&label, reason, &detail),
