@@ -294,6 +294,10 @@ fn verify_one(
 #[derive(Default)]
 struct Replies {
     pipe: redis::Pipeline,
+    /// Channel names by gateway, formatted once per batch (a batch's events come from a
+    /// few gateways), and the live channel's.
+    channels: std::collections::HashMap<GatewayId, String>,
+    live_channel: Option<String>,
 }
 
 impl Replies {
@@ -305,9 +309,13 @@ impl Replies {
             message,
             trace: TraceContext::of(&item.span),
         };
-        self.pipe
-            .publish(ctx.bus.gateway_channel(&item.gateway), bus::encode(&reply))
-            .ignore();
+        if !self.channels.contains_key(&item.gateway) {
+            let name = ctx.bus.gateway_channel(&item.gateway);
+            self.channels.insert(item.gateway.clone(), name);
+        }
+        if let Some(channel) = self.channels.get(&item.gateway) {
+            self.pipe.publish(channel, bus::encode(&reply)).ignore();
+        }
     }
 
     fn live(&mut self, ctx: &Context, item: &Item, json: String) {
@@ -318,8 +326,9 @@ impl Replies {
             event,
             trace: TraceContext::of(&item.span),
         };
-        self.pipe
-            .publish(ctx.bus.live_channel(), bus::encode(&live))
-            .ignore();
+        let channel = self
+            .live_channel
+            .get_or_insert_with(|| ctx.bus.live_channel());
+        self.pipe.publish(&*channel, bus::encode(&live)).ignore();
     }
 }
