@@ -643,3 +643,37 @@ async fn hostile_corpus_gets_answers_and_nothing_crashes() {
         failures.join("\n  ")
     );
 }
+
+/// The close codes name the problem (RFC 6455): 1009 for a frame over the hard size limit
+/// (twice `RELAY_MAX_MESSAGE_BYTES`), 1007 for a text frame that is not UTF-8.
+#[tokio::test]
+async fn oversized_and_invalid_utf8_frames_get_1009_and_1007() {
+    let cluster = Cluster::start(relay_tests::ClusterOptions {
+        env: vec![("RELAY_MAX_MESSAGE_BYTES".into(), "1024".into())],
+        ..Default::default()
+    })
+    .await
+    .expect("cluster");
+    let url = cluster.gateways[0].url();
+    // Small enough that the gateway has read the whole frame when it refuses it, so the
+    // socket closes cleanly and the close frame is not lost to a reset.
+    let oversized = format!("[\"NOTICE\",\"{}\"]", "x".repeat(3000));
+    let out = replay_closing(&url, Message::text(oversized)).await;
+    assert!(
+        out.reply.starts_with("close 1009"),
+        "oversized: {}",
+        out.reply
+    );
+    let raw = Frame::message(
+        vec![b'[', b'"', 0xff, 0xfe, b'"', b']'],
+        OpCode::Data(Data::Text),
+        true,
+    );
+    let out = replay_closing(&url, Message::Frame(raw)).await;
+    assert!(
+        out.reply.starts_with("close 1007"),
+        "invalid UTF-8: {}",
+        out.reply
+    );
+    assert_eq!(new_connection_works(&url).await, None);
+}
