@@ -129,22 +129,22 @@ pub async fn rpc(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
+    // NIP-86: a missing or invalid authorization gets 401, and an authorization signed by a
+    // key that is not an admin is not valid for this endpoint either.
+    let unauthorized = |message: &str| {
+        let mut response = error(StatusCode::UNAUTHORIZED, message);
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Nostr"),
+        );
+        response
+    };
     let pubkey = match nip98::verify_header(authorization, &request, shared::unix_now()) {
         Ok(pk) => pk,
-        Err(e) => {
-            let mut response = error(StatusCode::UNAUTHORIZED, &e.to_string());
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Nostr"),
-            );
-            return response;
-        }
+        Err(e) => return unauthorized(&e.to_string()),
     };
     if !state.admin.admins.contains(&pubkey) {
-        return error(
-            StatusCode::FORBIDDEN,
-            "this pubkey may not manage this relay",
-        );
+        return unauthorized("this pubkey may not manage this relay");
     }
     let call = match parse(&body) {
         Ok(call) => call,

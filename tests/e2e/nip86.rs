@@ -164,7 +164,7 @@ async fn ids_on(client: &mut Client, id: &Event) -> usize {
 }
 
 #[tokio::test]
-async fn unauthorized_requests_get_401_and_strangers_403() {
+async fn unauthorized_requests_and_strangers_get_401() {
     let admin = Keys::generate();
     let cluster = cluster(&admin).await;
     let addr = cluster.gateways[0].addr;
@@ -214,9 +214,15 @@ async fn unauthorized_requests_get_401_and_strangers_403() {
         assert_eq!(status, 401, "{what}: {answer}");
         assert!(answer["error"].is_string(), "{what}: {answer}");
     }
-    // A valid authorization by a key that is not an admin.
-    let (status, _) = call(addr, &Keys::generate(), "supportedmethods", json!([])).await;
-    assert_eq!(status, 403);
+    // A valid signature by a key that is not an admin is no authorization either (NIP-86).
+    let (status, answer) = call(addr, &Keys::generate(), "supportedmethods", json!([])).await;
+    assert_eq!(status, 401, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("may not manage")),
+        "{answer}"
+    );
     // A forged signature: the admin's pubkey on another key's event.
     let mut forged_event = Keys::generate().sign(
         t,
