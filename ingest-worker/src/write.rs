@@ -51,9 +51,11 @@ const REFUSED: &str = "SELECT \
      EXISTS (SELECT 1 FROM vanished WHERE pubkey = $2 AND until >= $3), \
      EXISTS (SELECT 1 FROM deleted_addresses WHERE pubkey = $2 AND kind = $4 AND d_tag = $5 AND until >= $3)";
 
+/// Takes the same parameters as [`UPSERT_REPLACEABLE`] and returns the same columns; `$8`
+/// (the `d` tag) is NULL for kinds that are not replaced.
 const INSERT_REGULAR: &str = "INSERT INTO events (id, pubkey, kind, created_at, d_tag, expires_at, search, json) \
-     VALUES ($1, $2, $3, $4, NULL, $5, CASE WHEN $6::text = '' THEN NULL ELSE to_tsvector('simple', $6::text) END, $7) \
-     ON CONFLICT (id) DO NOTHING RETURNING seq";
+     VALUES ($1, $2, $3, $4, $8, $5, CASE WHEN $6::text = '' THEN NULL ELSE to_tsvector('simple', $6::text) END, $7) \
+     ON CONFLICT (id) DO NOTHING RETURNING seq, true AS inserted";
 
 const UPSERT_REPLACEABLE: &str = "INSERT INTO events (id, pubkey, kind, created_at, d_tag, expires_at, search, json) \
      VALUES ($1, $2, $3, $4, $8, $5, CASE WHEN $6::text = '' THEN NULL ELSE to_tsvector('simple', $6::text) END, $7) \
@@ -386,47 +388,29 @@ async fn store_one(tx: &Transaction<'_>, pending: &Pending<'_>) -> Result<Outcom
 
     let content = event.content.replace('\0', "");
     let expires_at = event.expiration();
-    let (seq, replaced) = match d_tag {
-        None => {
-            let stmt = tx.prepare_cached(INSERT_REGULAR).await?;
-            let row = tx
-                .query_opt(
-                    &stmt,
-                    &[
-                        &id,
-                        &pubkey,
-                        &kind,
-                        &event.created_at,
-                        &expires_at,
-                        &content,
-                        &pending.json,
-                    ],
-                )
-                .await?;
-            (row.map(|r| r.get::<_, i64>(0)), false)
-        }
-        Some(d_tag) => {
-            let stmt = tx.prepare_cached(UPSERT_REPLACEABLE).await?;
-            let row = tx
-                .query_opt(
-                    &stmt,
-                    &[
-                        &id,
-                        &pubkey,
-                        &kind,
-                        &event.created_at,
-                        &expires_at,
-                        &content,
-                        &pending.json,
-                        &d_tag,
-                    ],
-                )
-                .await?;
-            match row {
-                Some(r) => (Some(r.get::<_, i64>(0)), !r.get::<_, bool>(1)),
-                None => (None, false),
-            }
-        }
+    let statement = match d_tag {
+        None => INSERT_REGULAR,
+        Some(_) => UPSERT_REPLACEABLE,
+    };
+    let row = tx
+        .query_opt(
+            &tx.prepare_cached(statement).await?,
+            &[
+                &id,
+                &pubkey,
+                &kind,
+                &event.created_at,
+                &expires_at,
+                &content,
+                &pending.json,
+                &d_tag,
+            ],
+        )
+        .await?;
+    // `inserted` is false when an older version was replaced (its tags go).
+    let (seq, replaced) = match row {
+        Some(r) => (Some(r.get::<_, i64>(0)), !r.get::<_, bool>(1)),
+        None => (None, false),
     };
     let Some(seq) = seq else {
         let exists = tx

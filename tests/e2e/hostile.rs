@@ -648,10 +648,10 @@ async fn hostile_corpus_gets_answers_and_nothing_crashes() {
 /// (twice `RELAY_MAX_MESSAGE_BYTES`), 1007 for a text frame that is not UTF-8.
 #[tokio::test]
 async fn oversized_and_invalid_utf8_frames_get_1009_and_1007() {
-    let cluster = Cluster::start(relay_tests::ClusterOptions {
-        env: vec![("RELAY_MAX_MESSAGE_BYTES".into(), "1024".into())],
-        ..Default::default()
-    })
+    let cluster = Cluster::start(relay_tests::ClusterOptions::with_env(&[(
+        "RELAY_MAX_MESSAGE_BYTES",
+        "1024",
+    )]))
     .await
     .expect("cluster");
     let url = cluster.gateways[0].url();

@@ -12,16 +12,6 @@ use shared::event::{Event, Kind};
 
 use crate::{barrier, note, now};
 
-fn env(pairs: &[(&str, &str)]) -> ClusterOptions {
-    ClusterOptions {
-        env: pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ..Default::default()
-    }
-}
-
 /// The next `NEG-MSG` (`Ok(hex)`) or `NEG-ERR` (`Err(reason)`) for `sub`, skipping the rest.
 async fn neg_answer(client: &mut Client, sub: &str) -> Result<String, String> {
     loop {
@@ -200,7 +190,7 @@ async fn nip77_filter_narrows_the_set_and_hides_restricted_kinds() {
 
 #[tokio::test]
 async fn nip77_bad_messages_unknown_ids_and_session_limits() {
-    let cluster = Cluster::start(env(&[("RELAY_MAX_NEG_SESSIONS", "2")]))
+    let cluster = Cluster::start(ClusterOptions::with_env(&[("RELAY_MAX_NEG_SESSIONS", "2")]))
         .await
         .expect("cluster starts");
     let mut c = cluster.client(0).await;
@@ -268,7 +258,7 @@ async fn nip77_bad_messages_unknown_ids_and_session_limits() {
 
 #[tokio::test]
 async fn nip77_idle_sessions_are_closed() {
-    let cluster = Cluster::start(env(&[("RELAY_NEG_IDLE_SECS", "1")]))
+    let cluster = Cluster::start(ClusterOptions::with_env(&[("RELAY_NEG_IDLE_SECS", "1")]))
         .await
         .expect("cluster starts");
     let mut c = cluster.client(0).await;

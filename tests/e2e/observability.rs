@@ -25,7 +25,7 @@ fn traced(receiver: &Receiver, extra: &[(&str, &str)]) -> ClusterOptions {
             "deployment.environment=test".into(),
         ),
     ];
-    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    env.extend(relay_tests::env_vars(extra));
     ClusterOptions {
         gateways: 2,
         env,

@@ -11,16 +11,6 @@ use shared::message::RelayMessage;
 
 use crate::{note, now};
 
-fn env(pairs: &[(&str, &str)]) -> ClusterOptions {
-    ClusterOptions {
-        env: pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ..Default::default()
-    }
-}
-
 fn tag(name: &str, value: &str) -> Vec<String> {
     vec![name.to_owned(), value.to_owned()]
 }
@@ -114,7 +104,7 @@ async fn nip09_deletion_by_e_and_a_tags() {
 
 #[tokio::test]
 async fn nip11_document_shows_the_enforced_limits() {
-    let cluster = Cluster::start(env(&[
+    let cluster = Cluster::start(ClusterOptions::with_env(&[
         ("RELAY_NAME", "test relay"),
         ("RELAY_DESCRIPTION", "for tests"),
         ("RELAY_PUBKEY", &"a".repeat(64)),
@@ -196,9 +186,12 @@ fn mine(keys: &Keys, bits: u32) -> Event {
 
 #[tokio::test]
 async fn nip13_minimum_proof_of_work() {
-    let cluster = Cluster::start(env(&[("RELAY_MIN_POW_DIFFICULTY", "8")]))
-        .await
-        .expect("cluster");
+    let cluster = Cluster::start(ClusterOptions::with_env(&[(
+        "RELAY_MIN_POW_DIFFICULTY",
+        "8",
+    )]))
+    .await
+    .expect("cluster");
     let mut c = cluster.client(0).await;
     let keys = Keys::generate();
     let weak = loop {
@@ -214,9 +207,12 @@ async fn nip13_minimum_proof_of_work() {
 
 #[tokio::test]
 async fn nip40_expiration() {
-    let cluster = Cluster::start(env(&[("RELAY_EXPIRY_PURGE_SECS", "1")]))
-        .await
-        .expect("cluster");
+    let cluster = Cluster::start(ClusterOptions::with_env(&[(
+        "RELAY_EXPIRY_PURGE_SECS",
+        "1",
+    )]))
+    .await
+    .expect("cluster");
     let mut c = cluster.client(0).await;
     let keys = Keys::generate();
     let expired = keys.sign(
@@ -339,7 +335,7 @@ async fn nip42_auth_checks_challenge_relay_time_and_signature() {
 
 #[tokio::test]
 async fn nip42_auth_to_write_and_to_read() {
-    let cluster = Cluster::start(env(&[
+    let cluster = Cluster::start(ClusterOptions::with_env(&[
         ("RELAY_AUTH_WRITE", "true"),
         ("RELAY_AUTH_READ", "true"),
     ]))
@@ -575,9 +571,12 @@ async fn nip50_search_by_relevance() {
 
 #[tokio::test]
 async fn nip62_request_to_vanish() {
-    let cluster = Cluster::start(env(&[("RELAY_PUBLIC_URL", "wss://relay.test")]))
-        .await
-        .expect("cluster");
+    let cluster = Cluster::start(ClusterOptions::with_env(&[(
+        "RELAY_PUBLIC_URL",
+        "wss://relay.test",
+    )]))
+    .await
+    .expect("cluster");
     let mut c = cluster.client(0).await;
     let alice = Keys::generate();
     let bob = Keys::generate();
@@ -666,7 +665,7 @@ async fn nip70_protected_events_only_from_their_authenticated_author() {
 
 #[tokio::test]
 async fn limits_are_enforced_with_the_right_prefix_and_the_connection_goes_on() {
-    let cluster = Cluster::start(env(&[
+    let cluster = Cluster::start(ClusterOptions::with_env(&[
         ("RELAY_MAX_SUBSCRIPTIONS", "2"),
         ("RELAY_MAX_FILTERS", "2"),
         ("RELAY_MAX_SUBID_LENGTH", "8"),

@@ -28,12 +28,7 @@ pub async fn heavy() -> SemaphorePermit<'static> {
 }
 
 /// Environment pairs for `ClusterOptions::env`.
-pub fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
-}
+pub use relay_tests::env_vars as env;
 
 /// Runs a test body, failing it if it takes longer than `secs`.
 pub async fn bounded<F: Future>(secs: u64, what: &str, fut: F) -> F::Output {

@@ -89,6 +89,24 @@ impl Default for ClusterOptions {
     }
 }
 
+impl ClusterOptions {
+    /// The default cluster, with extra environment for every process.
+    pub fn with_env(pairs: &[(&str, &str)]) -> Self {
+        ClusterOptions {
+            env: env_vars(pairs),
+            ..Default::default()
+        }
+    }
+}
+
+/// `(name, value)` pairs as [`ClusterOptions::env`] holds them.
+pub fn env_vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
 /// A running gateway.
 pub struct Gateway {
     /// Its bound address.
