@@ -86,14 +86,17 @@ pub struct Context {
 /// before this returns: sent already, or put in the returned pipeline (replies to
 /// gateways, live events), which the loop sends followed by the batch's acknowledgements,
 /// in one round trip. Each of the [`WorkerConfig::concurrency`] loops has its own clone.
-pub trait Handler: Clone {
+pub trait Handler: Clone + Send + 'static {
     /// Called once when the worker is ready, before the first batch; may spawn background
     /// tasks (they end with the process).
     fn start(&mut self, _ctx: &Context) {}
 
     /// Handles a batch; returns what is left to publish (possibly an empty pipeline).
-    fn handle(&mut self, ctx: &Context, entries: &[Entry])
-    -> impl Future<Output = redis::Pipeline>;
+    fn handle(
+        &mut self,
+        ctx: &Context,
+        entries: &[Entry],
+    ) -> impl Future<Output = redis::Pipeline> + Send;
 }
 
 /// Runs the worker until `shutdown` completes, then finishes and acknowledges the batch in
@@ -186,17 +189,27 @@ pub async fn run<H: Handler>(
     println!("ready");
 
     let claim_idle = Duration::from_millis(config.claim_idle_ms.max(1));
-    futures_util::future::join_all(consumers.into_iter().map(|consumer| {
-        consume(
-            role,
-            consumer,
-            handler.clone(),
-            &ctx,
-            claim_idle,
-            stop_rx.clone(),
-        )
-    }))
-    .await;
+    // Each loop is a task of its own, so it runs on the runtime's worker threads next to
+    // the I/O it waits for; polled from `main`'s thread instead, every wake-up of a loop
+    // was a hand-over between threads.
+    let loops: Vec<_> = consumers
+        .into_iter()
+        .map(|consumer| {
+            tokio::spawn(consume(
+                role,
+                consumer,
+                handler.clone(),
+                ctx.clone(),
+                claim_idle,
+                stop_rx.clone(),
+            ))
+        })
+        .collect();
+    for finished in futures_util::future::join_all(loops).await {
+        if let Err(e) = finished {
+            tracing::error!(error = %e, "a consume loop panicked");
+        }
+    }
     tracing::info!(role = role.name(), "worker stopping");
     let _ = heartbeat.await;
     Ok(())
@@ -207,7 +220,7 @@ async fn consume<H: Handler>(
     role: Role,
     mut consumer: Consumer,
     mut handler: H,
-    ctx: &Context,
+    ctx: Context,
     claim_idle: Duration,
     mut stop_rx: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -249,7 +262,7 @@ async fn consume<H: Handler>(
         }
         metrics::histogram!("nostr_worker_batch_size", "role" => role.name())
             .record(entries.len() as f64);
-        let mut pipe = handler.handle(ctx, &entries).await;
+        let mut pipe = handler.handle(&ctx, &entries).await;
         consumer.ack_into(&mut pipe, &entries);
         let sent: redis::RedisResult<()> = pipe.query_async(&mut ctx.redis.clone()).await;
         if let Err(e) = sent {
