@@ -146,16 +146,8 @@ async fn store_in_tx(db: &Pool, batch: &[Pending<'_>]) -> Result<Vec<Outcome>, S
     let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
     if !simple.is_empty() {
         let columns = Columns::new(batch, &simple);
-        let (lock, insert) = futures_util::try_join!(
-            tx.prepare_cached(LOCK_SHARED_MANY),
-            tx.prepare_cached(INSERT_MANY)
-        )?;
-        // Polled together, the two are sent in one round trip, in this order.
-        let (lock_params, insert_params) = (columns.lock_params(), columns.params());
-        let (_, rows) = futures_util::try_join!(
-            tx.execute(&lock, &lock_params),
-            tx.query(&insert, &insert_params)
-        )?;
+        let store = tx.prepare_cached(STORE_REGULAR).await?;
+        let rows = tx.query(&store, &columns.params()).await?;
         for (i, outcome) in columns.outcomes(&rows) {
             outcomes[i] = Some(outcome);
         }
@@ -172,9 +164,8 @@ async fn store_in_tx(db: &Pool, batch: &[Pending<'_>]) -> Result<Vec<Outcome>, S
         .collect())
 }
 
-/// A batch of regular events only (the usual case) in one round trip: `BEGIN`, the
-/// authors' shared locks, the insert with its checks, and `COMMIT`, pipelined. Postgres
-/// runs them in order; if one fails, the rest fail too and the `COMMIT` rolls back.
+/// A batch of regular events only (the usual case): one statement, its own transaction,
+/// one round trip. The function takes the authors' shared locks, then checks and inserts.
 async fn store_all_simple(
     db: &Pool,
     batch: &[Pending<'_>],
@@ -182,22 +173,8 @@ async fn store_all_simple(
 ) -> Result<Vec<Outcome>, StoreError> {
     let client = db.get().await?;
     let columns = Columns::new(batch, simple);
-    let (lock, insert) = futures_util::try_join!(
-        client.prepare_cached(LOCK_SHARED_MANY),
-        client.prepare_cached(INSERT_MANY)
-    )?;
-    let (lock_params, insert_params) = (columns.lock_params(), columns.params());
-    let (begin, locked, rows, commit) = futures_util::future::join4(
-        client.batch_execute("BEGIN"),
-        client.execute(&lock, &lock_params),
-        client.query(&insert, &insert_params),
-        client.batch_execute("COMMIT"),
-    )
-    .await;
-    begin?;
-    locked?;
-    let rows = rows?;
-    commit?;
+    let store = client.prepare_cached(STORE_REGULAR).await?;
+    let rows = client.query(&store, &columns.params()).await?;
     let mut outcomes = vec![Outcome::Duplicate; batch.len()];
     for (i, outcome) in columns.outcomes(&rows) {
         outcomes[i] = outcome;
@@ -205,34 +182,13 @@ async fn store_all_simple(
     Ok(outcomes)
 }
 
-const LOCK_SHARED_MANY: &str =
-    "SELECT pg_advisory_xact_lock_shared(k) FROM unnest($1::bigint[]) AS k";
+/// Regular events and their tags, after the NIP-62 and NIP-09 checks, under the authors'
+/// shared locks: the schema's `store_regular_events` (`shared::store`, migration 3) with
+/// the columns of [`Columns::params`].
+const STORE_REGULAR: &str = "SELECT event_id, outcome \
+     FROM store_regular_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
 
-/// Regular events and their tags in one statement, after the NIP-62 and NIP-09 checks
-/// (run after the authors' locks are held, by an earlier statement of the transaction).
-/// Returns, for each event not stored, why (`vanished`, `deleted`), and `stored` for each
-/// event inserted; an event in none of these was already stored (a duplicate).
-const INSERT_MANY: &str = "WITH t AS ( \
-       SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::int[], $4::bigint[], $5::bigint[], $6::text[], $7::text[]) \
-         AS t(id, pk, k, c, e, s, j)), \
-     refused AS ( \
-       SELECT t.id, CASE WHEN v.pubkey IS NOT NULL THEN 'vanished' ELSE 'deleted' END AS why \
-       FROM t \
-       LEFT JOIN vanished v ON v.pubkey = t.pk AND t.c <= v.until \
-       LEFT JOIN deleted_events d ON d.id = t.id AND d.pubkey = t.pk \
-       WHERE v.pubkey IS NOT NULL OR d.id IS NOT NULL), \
-     ins AS ( \
-       INSERT INTO events (id, pubkey, kind, created_at, d_tag, expires_at, search, json) \
-       SELECT id, pk, k, c, NULL, e, CASE WHEN s = '' THEN NULL ELSE to_tsvector('simple', s) END, j \
-       FROM t WHERE t.id NOT IN (SELECT id FROM refused) \
-       ON CONFLICT (id) DO NOTHING RETURNING id, seq, kind, created_at), \
-     tagged AS ( \
-       INSERT INTO tags (event_seq, name, value, kind, created_at) \
-       SELECT ins.seq, g.n, g.v, ins.kind, ins.created_at \
-       FROM unnest($8::bytea[], $9::text[], $10::text[]) AS g(id, n, v) JOIN ins ON ins.id = g.id) \
-     SELECT id, 'stored' FROM ins UNION ALL SELECT id, why FROM refused";
-
-/// The batch's regular events as the columns [`INSERT_MANY`] takes, each event once.
+/// The batch's regular events as the columns [`STORE_REGULAR`] takes, each event once.
 struct Columns<'a> {
     /// The authors' advisory lock keys, sorted (locks are taken in key order).
     keys: Vec<i64>,
@@ -299,12 +255,9 @@ impl<'a> Columns<'a> {
         c
     }
 
-    fn lock_params(&self) -> [&(dyn ToSql + Sync); 1] {
-        [&self.keys]
-    }
-
-    fn params(&self) -> [&(dyn ToSql + Sync); 10] {
+    fn params(&self) -> [&(dyn ToSql + Sync); 11] {
         [
+            &self.keys,
             &self.ids,
             &self.pubkeys,
             &self.kinds,
@@ -318,7 +271,7 @@ impl<'a> Columns<'a> {
         ]
     }
 
-    /// Each event's outcome (batch index first) from the rows [`INSERT_MANY`] returned.
+    /// Each event's outcome (batch index first) from the rows [`STORE_REGULAR`] returned.
     fn outcomes(&self, rows: &[tokio_postgres::Row]) -> Vec<(usize, Outcome)> {
         let said: std::collections::HashMap<Vec<u8>, Outcome> = rows
             .iter()

@@ -119,6 +119,52 @@ const MIGRATIONS: &[(i32, &str)] = &[
     INSERT INTO moderation_version (version) VALUES (0);
     "#,
     ),
+    (
+        3,
+        r#"
+    -- A batch of regular events (kinds neither replaced, deleting nor vanishing) in one
+    -- statement, so a batch costs one round trip and no BEGIN/COMMIT of its own. Arguments,
+    -- one element per event unless said: $1 the authors' advisory lock keys (sorted, each
+    -- once), $2 ids, $3 pubkeys, $4 kinds, $5 created_at, $6 expires_at, $7 search text ('' for
+    -- none), $8 JSON; $9..$11 one element per indexed tag: its event's id, name and value.
+    -- Returns the id of each event stored ('stored') or refused ('vanished', 'deleted');
+    -- an event in neither was already stored.
+    CREATE FUNCTION store_regular_events(
+        bigint[], bytea[], bytea[], integer[], bigint[], bigint[], text[], text[],
+        bytea[], text[], text[])
+    RETURNS TABLE (event_id bytea, outcome text)
+    LANGUAGE plpgsql AS $fn$
+    BEGIN
+        -- The shared locks first: each statement of a volatile function takes a new
+        -- snapshot, so the checks below see every deletion and request to vanish committed
+        -- under the exclusive lock before.
+        PERFORM pg_advisory_xact_lock_shared(k) FROM unnest($1) AS k;
+        RETURN QUERY
+        WITH t AS (
+            SELECT * FROM unnest($2, $3, $4, $5, $6, $7, $8) AS t(id, pk, k, c, e, s, j)),
+        refused AS (
+            SELECT t.id, CASE WHEN v.pubkey IS NOT NULL THEN 'vanished' ELSE 'deleted' END AS why
+            FROM t
+            LEFT JOIN vanished v ON v.pubkey = t.pk AND t.c <= v.until
+            LEFT JOIN deleted_events d ON d.id = t.id AND d.pubkey = t.pk
+            WHERE v.pubkey IS NOT NULL OR d.id IS NOT NULL),
+        ins AS (
+            INSERT INTO events (id, pubkey, kind, created_at, d_tag, expires_at, search, json)
+            SELECT t.id, t.pk, t.k, t.c, NULL, t.e,
+                   CASE WHEN t.s = '' THEN NULL ELSE to_tsvector('simple', t.s) END, t.j
+            FROM t WHERE t.id NOT IN (SELECT refused.id FROM refused)
+            ON CONFLICT (id) DO NOTHING
+            RETURNING events.id, events.seq, events.kind, events.created_at),
+        tagged AS (
+            INSERT INTO tags (event_seq, name, value, kind, created_at)
+            SELECT ins.seq, g.n, g.v, ins.kind, ins.created_at
+            FROM unnest($9, $10, $11) AS g(id, n, v) JOIN ins ON ins.id = g.id)
+        SELECT ins.id, 'stored'::text FROM ins
+        UNION ALL SELECT refused.id, refused.why FROM refused;
+    END
+    $fn$;
+    "#,
+    ),
 ];
 
 /// The text search configuration used for NIP-50 (no stemming, no stop words: works the
