@@ -72,6 +72,10 @@ fn dispatch(state: &AppState, channel: &str, is_live: bool, payload: &[u8]) {
         return;
     };
     if is_live {
+        if !state.registry.has_subscriptions() {
+            // Nothing here can match: skip decoding and parsing the event.
+            return;
+        }
         let live: bus::LiveEvent = match bus::decode(text) {
             Ok(l) => l,
             Err(e) => return tracing::warn!(error = %e, "dropping undecodable live event"),

@@ -577,6 +577,11 @@ impl Registry {
         }
     }
 
+    /// Whether any subscription is indexed for live events on this gateway.
+    pub fn has_subscriptions(&self) -> bool {
+        !self.lock().index.is_empty()
+    }
+
     /// Delivers a live event to every matching subscription on this gateway. Expired events
     /// (NIP-40) go nowhere; read-restricted kinds only to connections authenticated as the
     /// author or a `p`-tagged recipient.

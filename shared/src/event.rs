@@ -63,14 +63,40 @@ impl EventError {
     }
 }
 
+/// The value of each lowercase hex digit; 0xff for every other byte (uppercase included).
+const HEX_VALUE: [u8; 256] = {
+    let mut table = [0xff_u8; 256];
+    let mut i = 0;
+    while i < 16 {
+        let digit = if i < 10 { b'0' + i } else { b'a' + i - 10 };
+        table[digit as usize] = i;
+        i += 1;
+    }
+    table
+};
+
 /// Decodes exactly `N` bytes from lowercase hex; uppercase and odd lengths are refused.
+/// One pass over a lookup table: every event carries 256 hex digits (id, pubkey, sig), and
+/// checking then decoding them was a visible share of the gateway's CPU.
 fn decode_lower_hex<const N: usize>(s: &str, field: &'static str) -> Result<[u8; N], EventError> {
-    let bad = || EventError::BadHex { field, len: N * 2 };
-    if s.len() != N * 2 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return Err(bad());
+    let s = s.as_bytes();
+    if s.len() != N * 2 {
+        return Err(EventError::BadHex { field, len: N * 2 });
     }
     let mut out = [0u8; N];
-    hex::decode_to_slice(s, &mut out).map_err(|_| bad())?;
+    let mut seen = 0u8;
+    for (byte, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+        let (high, low) = (
+            HEX_VALUE[usize::from(pair[0])],
+            HEX_VALUE[usize::from(pair[1])],
+        );
+        seen |= high | low;
+        *byte = (high << 4) | low;
+    }
+    // A digit's value is below 16; any other byte set the high bits.
+    if seen > 0x0f {
+        return Err(EventError::BadHex { field, len: N * 2 });
+    }
     Ok(out)
 }
 
@@ -616,6 +642,25 @@ mod tests {
         for (json, needle) in cases {
             let err = Event::from_json(&json).expect_err(&json).to_string();
             assert!(err.contains(needle), "{err} should mention {needle}");
+        }
+    }
+
+    #[test]
+    fn hex_is_lowercase_digits_of_exact_length() {
+        let hex = "00ff10a9".repeat(8);
+        let id = EventId::from_hex(&hex).expect("lowercase hex decodes");
+        assert_eq!(id.to_hex(), hex);
+        assert_eq!(&id.as_bytes()[..4], &[0x00, 0xff, 0x10, 0xa9]);
+        let refused = [
+            hex.replacen('a', "A", 1),
+            hex.replacen('0', "g", 1),
+            hex.replacen('1', "/", 1),
+            hex.replacen("00", "é", 1),
+            hex[1..].to_owned(),
+            format!("{hex}00"),
+        ];
+        for bad in refused {
+            assert!(EventId::from_hex(&bad).is_err(), "{bad:?} was accepted");
         }
     }
 

@@ -211,6 +211,20 @@ impl MessageError {
 impl ClientMessage {
     /// Parses one client text frame.
     pub fn parse(text: &str) -> Result<Self, MessageError> {
+        // The usual frame, a well-formed EVENT, is read straight into its event without
+        // building a JSON tree first. Anything else, errors included, takes the general path
+        // below, so its answer does not depend on this shortcut.
+        if let Ok((verb, event)) = serde_json::from_str::<(&str, &RawValue)>(text)
+            && matches!(verb, "EVENT" | "AUTH")
+            && let Ok(event) = Event::from_json(event.get())
+        {
+            let event = Box::new(event);
+            return Ok(if verb == "EVENT" {
+                ClientMessage::Event(event)
+            } else {
+                ClientMessage::Auth(event)
+            });
+        }
         let value: Value = serde_json::from_str(text)
             .map_err(|e| MessageError::NotJson(crate::event::clip(&e.to_string())))?;
         let Value::Array(mut items) = value else {
@@ -520,6 +534,31 @@ mod tests {
         assert!(
             matches!(ClientMessage::parse(r#"["CLOSE","s1"]"#), Ok(ClientMessage::Close(s)) if s.as_str() == "s1")
         );
+    }
+
+    #[test]
+    fn events_parse_the_same_with_or_without_the_shortcut() {
+        let ev = Keys::generate().sign(1, Kind(1), vec![vec!["t".into(), "x".into()]], "hi");
+        let json = ev.to_json();
+        let frames = [
+            format!("[\"EVENT\",{json}]"),
+            format!(" [ \"EVENT\" ,\n{json} ] "),
+            format!("[\"EV\\u0045NT\",{json}]"),
+        ];
+        for text in &frames {
+            assert!(
+                matches!(ClientMessage::parse(text), Ok(ClientMessage::Event(e)) if *e == ev),
+                "{text}"
+            );
+        }
+        let auth = format!("[\"AUTH\",{json}]");
+        assert!(matches!(ClientMessage::parse(&auth), Ok(ClientMessage::Auth(e)) if *e == ev));
+        // A repeated field is refused by the direct reader and accepted (last one wins) by
+        // the tree reader: the general path decides, as before the shortcut.
+        let repeated = format!("[\"EVENT\",{}]", json.replacen('{', "{\"kind\":7,", 1));
+        assert!(matches!(ClientMessage::parse(&repeated), Ok(ClientMessage::Event(e)) if *e == ev));
+        let extra = format!("[\"EVENT\",{json},1]");
+        assert!(ClientMessage::parse(&extra).is_err());
     }
 
     #[test]
