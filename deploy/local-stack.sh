@@ -272,7 +272,7 @@ pg_write_conf() {
         echo "wal_buffers = 64MB"
         echo "max_wal_size = 8GB"
         echo "checkpoint_timeout = 30min"
-        echo "wal_compression = on"
+        echo "wal_compression = lz4"
         if [[ "${FAST:-0}" == 1 ]]; then
             echo "fsync = off"
             echo "synchronous_commit = off"
