@@ -65,7 +65,8 @@ async fn subscribe(state: &AppState, channels: &[&str]) -> redis::RedisResult<re
 }
 
 /// Handles one message from `channel` (the live channel when `is_live`, else this gateway's
-/// reply channel). The channel name comes with the message: nothing is formatted per message.
+/// reply channel): one envelope or a batch of them. The channel name comes with the message:
+/// nothing is formatted per message.
 fn dispatch(state: &AppState, channel: &str, is_live: bool, payload: &[u8]) {
     let Ok(text) = std::str::from_utf8(payload) else {
         tracing::warn!("dropping a bus message that is not UTF-8");
@@ -73,47 +74,61 @@ fn dispatch(state: &AppState, channel: &str, is_live: bool, payload: &[u8]) {
     };
     if is_live {
         if !state.registry.has_subscriptions() {
-            // Nothing here can match: skip decoding and parsing the event.
+            // Nothing here can match: skip decoding and parsing the events.
             return;
         }
-        let live: bus::LiveEvent = match bus::decode(text) {
-            Ok(l) => l,
-            Err(e) => return tracing::warn!(error = %e, "dropping undecodable live event"),
-        };
-        let json = live.event.get().to_owned();
-        match Event::from_json(&json) {
-            Ok(event) => {
-                let span = receive_span("deliver live", &state.gateway, channel, &live.trace);
-                span.record("nostr.event.id", tracing::field::display(event.id));
-                let delivered =
-                    span.in_scope(|| state.registry.live(Arc::new(LiveEvent { event, json })));
-                span.record("nostr.deliveries", delivered);
-            }
-            Err(e) => tracing::warn!(error = %e, "dropping malformed live event"),
+        match bus::decode_batch::<bus::LiveEvent>(text) {
+            Ok(batch) => batch
+                .into_iter()
+                .for_each(|live| deliver_live(state, channel, live)),
+            Err(e) => tracing::warn!(error = %e, "dropping undecodable live events"),
         }
         return;
     }
-    match bus::decode::<GatewayReply>(text) {
-        Ok(GatewayReply::Ok {
+    match bus::decode_batch::<GatewayReply>(text) {
+        Ok(batch) => batch
+            .into_iter()
+            .for_each(|reply| deliver_reply(state, channel, reply)),
+        Err(e) => tracing::warn!(error = %e, "dropping undecodable replies"),
+    }
+}
+
+fn deliver_live(state: &AppState, channel: &str, live: bus::LiveEvent) {
+    let json = live.event.get().to_owned();
+    match Event::from_json(&json) {
+        Ok(event) => {
+            let span = receive_span("deliver live", &state.gateway, channel, &live.trace);
+            span.record("nostr.event.id", tracing::field::display(event.id));
+            let delivered =
+                span.in_scope(|| state.registry.live(Arc::new(LiveEvent { event, json })));
+            span.record("nostr.deliveries", delivered);
+        }
+        Err(e) => tracing::warn!(error = %e, "dropping malformed live event"),
+    }
+}
+
+fn deliver_reply(state: &AppState, channel: &str, reply: GatewayReply) {
+    match reply {
+        GatewayReply::Ok {
             conn,
             event_id,
             accepted,
             message,
             trace,
-        }) => {
+        } => {
             let span = receive_span("deliver OK", &state.gateway, channel, &trace);
             span.record("nostr.event.id", tracing::field::display(event_id));
             let frame = ok_frame(&event_id, accepted, &message);
             span.in_scope(|| state.registry.ok(conn, event_id, frame));
         }
-        Ok(GatewayReply::Events {
+        GatewayReply::Events {
             conn,
             req,
             sub_id,
             events,
             eose,
             trace,
-        }) => {
+        } => {
             if eose {
                 let span = receive_span("deliver EOSE", &state.gateway, channel, &trace);
                 span.record("nostr.subscription.id", tracing::field::display(&sub_id));
@@ -122,32 +137,31 @@ fn dispatch(state: &AppState, channel: &str, is_live: bool, payload: &[u8]) {
                 state.registry.stored(conn, req, &sub_id, events, eose);
             }
         }
-        Ok(GatewayReply::Count {
+        GatewayReply::Count {
             conn,
             query_id,
             result,
-        }) => {
+        } => {
             let frame = match result {
                 Ok(n) => count_frame(&query_id, n),
                 Err(message) => closed_frame(&query_id, &message),
             };
             state.registry.count(conn, &query_id, frame);
         }
-        Ok(GatewayReply::Neg {
+        GatewayReply::Neg {
             conn,
             req,
             sub_id,
             result,
-        }) => state.registry.neg_reply(conn, req, &sub_id, result),
-        Ok(GatewayReply::Closed {
+        } => state.registry.neg_reply(conn, req, &sub_id, result),
+        GatewayReply::Closed {
             conn,
             req,
             sub_id,
             message,
-        }) => {
+        } => {
             state.registry.close(conn, req, &sub_id, &message);
         }
-        Err(e) => tracing::warn!(error = %e, "dropping undecodable reply"),
     }
 }
 

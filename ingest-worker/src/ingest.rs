@@ -116,7 +116,7 @@ impl Handler for Ingest {
                 .and_then(|ev| moderation.refuses(ev));
             let Some(reason) = refused else { return true };
             metrics::counter!("nostr_ingest_events_total", "outcome" => "blocked").increment(1);
-            replies.ok(ctx, item, false, reason);
+            replies.ok(item, false, reason);
             false
         });
 
@@ -170,7 +170,7 @@ impl Handler for Ingest {
             let (outcome, accepted, message) = match &item.event {
                 Err(reason) => ("invalid", false, format!("invalid: {reason}")),
                 Ok(ev) if ev.class() == KindClass::Ephemeral => {
-                    replies.live(ctx, item, item.json.clone());
+                    replies.live(item, item.json.clone());
                     ("ephemeral", true, String::new())
                 }
                 Ok(_) => {
@@ -179,7 +179,7 @@ impl Handler for Ingest {
                     };
                     match result {
                         Ok(Outcome::Stored) => {
-                            replies.live(ctx, item, json.to_string());
+                            replies.live(item, json.to_string());
                             ("stored", true, String::new())
                         }
                         Ok(Outcome::Duplicate) => ("duplicate", true, "duplicate: already have this event".into()),
@@ -206,9 +206,9 @@ impl Handler for Ingest {
             item.span.record("nostr.outcome", outcome);
             item.span
                 .in_scope(|| tracing::debug!(outcome, "event handled"));
-            replies.ok(ctx, item, accepted, message);
+            replies.ok(item, accepted, message);
         }
-        replies.pipe
+        replies.into_pipeline(ctx)
     }
 }
 
@@ -298,18 +298,19 @@ fn verify_one(
 }
 
 /// Replies and live events of a batch, sent by the worker loop in one pipelined round trip
-/// with the batch's acknowledgements. Each carries the trace context of its event's span.
+/// with the batch's acknowledgements: one message per channel, a JSON array of envelopes
+/// (see `shared::bus`), so Redis and the gateways handle a message per batch, not per
+/// event. Each envelope carries the trace context of its event's span.
 #[derive(Default)]
 struct Replies {
-    pipe: redis::Pipeline,
-    /// Channel names by gateway, formatted once per batch (a batch's events come from a
-    /// few gateways), and the live channel's.
-    channels: std::collections::HashMap<GatewayId, String>,
-    live_channel: Option<String>,
+    /// Each gateway's `OK` replies.
+    oks: std::collections::HashMap<GatewayId, bus::Batch>,
+    /// Events for live subscriptions, on every gateway.
+    live: bus::Batch,
 }
 
 impl Replies {
-    fn ok(&mut self, ctx: &Context, item: &Item, accepted: bool, message: String) {
+    fn ok(&mut self, item: &Item, accepted: bool, message: String) {
         let reply = GatewayReply::Ok {
             conn: item.conn,
             event_id: item.id,
@@ -317,26 +318,35 @@ impl Replies {
             message,
             trace: TraceContext::of(&item.span),
         };
-        if !self.channels.contains_key(&item.gateway) {
-            let name = ctx.bus.gateway_channel(&item.gateway);
-            self.channels.insert(item.gateway.clone(), name);
-        }
-        if let Some(channel) = self.channels.get(&item.gateway) {
-            self.pipe.publish(channel, bus::encode(&reply)).ignore();
-        }
+        self.oks
+            .entry(item.gateway.clone())
+            .or_default()
+            .push(&reply);
     }
 
-    fn live(&mut self, ctx: &Context, item: &Item, json: String) {
+    fn live(&mut self, item: &Item, json: String) {
         let Ok(event) = raw_json(json) else {
             return;
         };
-        let live = LiveEvent {
+        self.live.push(&LiveEvent {
             event,
             trace: TraceContext::of(&item.span),
-        };
-        let channel = self
-            .live_channel
-            .get_or_insert_with(|| ctx.bus.live_channel());
-        self.pipe.publish(&*channel, bus::encode(&live)).ignore();
+        });
+    }
+
+    /// The batch's messages: live events first, then the `OK`s, so a publisher subscribed
+    /// to its own event sees it before its `OK`, as when each event was sent alone.
+    fn into_pipeline(self, ctx: &Context) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        if let Some(live) = self.live.finish() {
+            pipe.publish(ctx.bus.live_channel(), live).ignore();
+        }
+        for (gateway, oks) in self.oks {
+            if let Some(oks) = oks.finish() {
+                pipe.publish(ctx.bus.gateway_channel(&gateway), oks)
+                    .ignore();
+            }
+        }
+        pipe
     }
 }

@@ -4,8 +4,8 @@
 //! ```text
 //! <prefix>:ingest:<shard>   stream   gateway → ingest workers   IngestRequest   group "ingest"
 //! <prefix>:query:<shard>    stream   gateway → query workers    QueryRequest    group "query"
-//! <prefix>:gw:<gateway id>  channel  workers → one gateway      GatewayReply
-//! <prefix>:live             channel  ingest workers → gateways  LiveEvent
+//! <prefix>:gw:<gateway id>  channel  workers → one gateway      GatewayReply, or a Batch
+//! <prefix>:live             channel  ingest workers → gateways  a Batch of LiveEvent
 //! <prefix>:workers:<role>   zset     worker heartbeats (member = consumer, score = unix ms)
 //! <prefix>:rl:<what>:<who>:<minute>  counter  gateways' rate limits (expire after 2 min)
 //! <prefix>:moderation       hash     NIP-86 snapshot (fields version, state), see moderation
@@ -14,7 +14,8 @@
 //! ```
 //!
 //! Stream entries carry one field, [`ENTRY_FIELD`], holding the envelope as JSON. Channel
-//! messages are the envelope as JSON. Event JSON inside envelopes is carried verbatim
+//! messages are the envelope as JSON, or a [`Batch`] of envelopes as a JSON array: ingest
+//! workers send one message per channel per batch. Readers accept both ([`decode_batch`]). Event JSON inside envelopes is carried verbatim
 //! ([`RawValue`]) so it is serialized once, by the ingest worker, and never again.
 
 use std::fmt;
@@ -290,6 +291,40 @@ pub fn encode<T: Serialize>(envelope: &T) -> String {
 /// Decodes an envelope.
 pub fn decode<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, BusError> {
     Ok(serde_json::from_str(text)?)
+}
+
+/// Decodes a channel message: one envelope (a JSON object) or a [`Batch`] of them (a JSON
+/// array), in order.
+pub fn decode_batch<T: serde::de::DeserializeOwned>(text: &str) -> Result<Vec<T>, BusError> {
+    if text.trim_start().starts_with('[') {
+        Ok(serde_json::from_str(text)?)
+    } else {
+        Ok(vec![serde_json::from_str(text)?])
+    }
+}
+
+/// Envelopes for one channel, published as one message (a JSON array): a worker's batch of
+/// replies for one gateway, or of live events. Read with [`decode_batch`].
+#[derive(Debug, Default)]
+pub struct Batch {
+    json: String,
+}
+
+impl Batch {
+    /// Appends an envelope.
+    pub fn push<T: Serialize>(&mut self, envelope: &T) {
+        self.json.push(if self.json.is_empty() { '[' } else { ',' });
+        self.json.push_str(&encode(envelope));
+    }
+
+    /// The message to publish, or `None` if nothing was pushed.
+    pub fn finish(mut self) -> Option<String> {
+        if self.json.is_empty() {
+            return None;
+        }
+        self.json.push(']');
+        Some(self.json)
+    }
 }
 
 /// The names of everything on the bus, under one prefix.
@@ -738,5 +773,26 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_batch_decodes_in_order_and_a_single_envelope_as_one() {
+        let live = |n: u32| LiveEvent {
+            event: RawValue::from_string(format!(r#"{{"n":{n}}}"#)).expect("valid json"),
+            trace: TraceContext::default(),
+        };
+        assert!(Batch::default().finish().is_none(), "nothing to publish");
+        let mut batch = Batch::default();
+        for n in 0..3 {
+            batch.push(&live(n));
+        }
+        let text = batch.finish().expect("three envelopes");
+        let back: Vec<LiveEvent> = decode_batch(&text).expect("decodes");
+        let got: Vec<&str> = back.iter().map(|l| l.event.get()).collect();
+        assert_eq!(got, [r#"{"n":0}"#, r#"{"n":1}"#, r#"{"n":2}"#]);
+        let one: Vec<LiveEvent> = decode_batch(&encode(&live(9))).expect("decodes");
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].event.get(), r#"{"n":9}"#);
+        assert!(decode_batch::<LiveEvent>("[1]").is_err());
     }
 }
