@@ -474,12 +474,17 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Bytes read from a socket at a time (larger messages span reads). tungstenite zeroes this
+/// much buffer on every read: at its default of 128 KiB that was half of the load
+/// generator's CPU, reading 100-byte `OK`s.
+const READ_CHUNK: usize = 4096;
+
 /// Connects with TCP_NODELAY (latency benchmarks must not wait for Nagle). `small` keeps the
 /// client's own buffers small when thousands of connections are held.
 async fn connect(url: &str, small: bool) -> anyhow::Result<Ws> {
-    let mut config = WebSocketConfig::default();
+    let mut config = WebSocketConfig::default().read_buffer_size(READ_CHUNK);
     if small {
-        config = config.read_buffer_size(4096).write_buffer_size(0);
+        config = config.write_buffer_size(0);
     }
     let (ws, _) = tokio::time::timeout(
         CONNECT_TIMEOUT,
