@@ -77,19 +77,19 @@ fn dispatch(state: &AppState, channel: &str, is_live: bool, payload: &[u8]) {
             // Nothing here can match: skip decoding and parsing the events.
             return;
         }
-        match bus::decode_batch::<bus::LiveEvent>(text) {
-            Ok(batch) => batch
-                .into_iter()
-                .for_each(|live| deliver_live(state, channel, live)),
-            Err(e) => tracing::warn!(error = %e, "dropping undecodable live events"),
+        for live in bus::decode_batch::<bus::LiveEvent>(text) {
+            match live {
+                Ok(live) => deliver_live(state, channel, live),
+                Err(e) => tracing::warn!(error = %e, "dropping an undecodable live event"),
+            }
         }
         return;
     }
-    match bus::decode_batch::<GatewayReply>(text) {
-        Ok(batch) => batch
-            .into_iter()
-            .for_each(|reply| deliver_reply(state, channel, reply)),
-        Err(e) => tracing::warn!(error = %e, "dropping undecodable replies"),
+    for reply in bus::decode_batch::<GatewayReply>(text) {
+        match reply {
+            Ok(reply) => deliver_reply(state, channel, reply),
+            Err(e) => tracing::warn!(error = %e, "dropping an undecodable reply"),
+        }
     }
 }
 

@@ -236,12 +236,12 @@ fn decode_all(entries: &[Entry]) -> Vec<(GatewayId, ConnId, String, tracing::Spa
         .collect()
 }
 
-/// Parses and verifies every event, spreading the signature checks over the cores.
 /// Batches up to this many events are verified on the loop's own thread (at most about
 /// 0.2 ms of work): handing a small batch to the blocking pool and back cost more in thread
 /// switches than the verification itself.
 const INLINE_VERIFY_MAX: usize = 4;
 
+/// Parses and verifies every event, spreading the signature checks over the cores.
 async fn verify_all(decoded: Vec<(GatewayId, ConnId, String, tracing::Span)>) -> Vec<Item> {
     if decoded.len() <= INLINE_VERIFY_MAX {
         return decoded.into_iter().filter_map(verify_one).collect();

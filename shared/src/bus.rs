@@ -15,8 +15,9 @@
 //!
 //! Stream entries carry one field, [`ENTRY_FIELD`], holding the envelope as JSON. Channel
 //! messages are the envelope as JSON, or a [`Batch`] of envelopes as a JSON array: ingest
-//! workers send one message per channel per batch. Readers accept both ([`decode_batch`]). Event JSON inside envelopes is carried verbatim
-//! ([`RawValue`]) so it is serialized once, by the ingest worker, and never again.
+//! workers send one message per channel per batch. Readers accept both ([`decode_batch`]).
+//! Event JSON inside envelopes is carried verbatim ([`RawValue`]) so it is serialized once,
+//! by the gateway, and never again.
 
 use std::fmt;
 use std::time::Duration;
@@ -294,13 +295,23 @@ pub fn decode<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, BusError> {
 }
 
 /// Decodes a channel message: one envelope (a JSON object) or a [`Batch`] of them (a JSON
-/// array), in order.
-pub fn decode_batch<T: serde::de::DeserializeOwned>(text: &str) -> Result<Vec<T>, BusError> {
-    if text.trim_start().starts_with('[') {
-        Ok(serde_json::from_str(text)?)
-    } else {
-        Ok(vec![serde_json::from_str(text)?])
+/// array), in order. Each envelope decodes on its own, so one this version cannot read
+/// costs only itself; a message that is not JSON at all is one error.
+pub fn decode_batch<T: serde::de::DeserializeOwned>(text: &str) -> Vec<Result<T, BusError>> {
+    if !text.trim_start().starts_with('[') {
+        return vec![decode_owned(text)];
     }
+    match serde_json::from_str::<Vec<&RawValue>>(text) {
+        Ok(items) => items
+            .into_iter()
+            .map(|raw| decode_owned(raw.get()))
+            .collect(),
+        Err(e) => vec![Err(e.into())],
+    }
+}
+
+fn decode_owned<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, BusError> {
+    Ok(serde_json::from_str(text)?)
 }
 
 /// Envelopes for one channel, published as one message (a JSON array): a worker's batch of
@@ -787,12 +798,20 @@ mod tests {
             batch.push(&live(n));
         }
         let text = batch.finish().expect("three envelopes");
-        let back: Vec<LiveEvent> = decode_batch(&text).expect("decodes");
-        let got: Vec<&str> = back.iter().map(|l| l.event.get()).collect();
-        assert_eq!(got, [r#"{"n":0}"#, r#"{"n":1}"#, r#"{"n":2}"#]);
-        let one: Vec<LiveEvent> = decode_batch(&encode(&live(9))).expect("decodes");
-        assert_eq!(one.len(), 1);
-        assert_eq!(one[0].event.get(), r#"{"n":9}"#);
-        assert!(decode_batch::<LiveEvent>("[1]").is_err());
+        let events = |text: &str| -> Vec<String> {
+            decode_batch::<LiveEvent>(text)
+                .into_iter()
+                .map(|l| l.map_or_else(|e| format!("error: {e}"), |l| l.event.get().to_owned()))
+                .collect()
+        };
+        assert_eq!(events(&text), [r#"{"n":0}"#, r#"{"n":1}"#, r#"{"n":2}"#]);
+        assert_eq!(events(&encode(&live(9))), [r#"{"n":9}"#]);
+        // One unreadable envelope costs only itself.
+        let mixed = text.replacen(r#"{"event":{"n":1}}"#, "1", 1);
+        let got = events(&mixed);
+        assert_eq!(got.len(), 3, "{mixed}");
+        assert!(got[1].starts_with("error: "), "{got:?}");
+        assert_eq!([&got[0], &got[2]], [r#"{"n":0}"#, r#"{"n":2}"#]);
+        assert!(events("[1,").iter().all(|e| e.starts_with("error: ")));
     }
 }

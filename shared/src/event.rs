@@ -248,6 +248,45 @@ struct WireEvent {
     sig: String,
 }
 
+/// [`WireEvent`] with no field beyond NIP-01's: serde skips unknown fields without
+/// validating them (lone surrogates, numbers out of range), so a reader that must refuse
+/// exactly what a full JSON parse refuses takes only this shape. See [`ExactEvent`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExactWireEvent {
+    id: String,
+    pubkey: String,
+    created_at: serde_json::Number,
+    kind: serde_json::Number,
+    tags: Vec<Vec<String>>,
+    content: String,
+    sig: String,
+}
+
+/// An event deserialized in place (inside a larger JSON document) and checked like
+/// [`Event::from_json`], but only if it has exactly NIP-01's fields. For the client
+/// parser's shortcut, which leaves everything else to the general path.
+#[derive(Deserialize)]
+#[serde(try_from = "ExactWireEvent")]
+pub struct ExactEvent(pub Event);
+
+impl TryFrom<ExactWireEvent> for ExactEvent {
+    type Error = EventError;
+
+    fn try_from(w: ExactWireEvent) -> Result<Self, EventError> {
+        Event::from_wire(WireEvent {
+            id: w.id,
+            pubkey: w.pubkey,
+            created_at: w.created_at,
+            kind: w.kind,
+            tags: w.tags,
+            content: w.content,
+            sig: w.sig,
+        })
+        .map(ExactEvent)
+    }
+}
+
 impl Event {
     /// Parses an event from JSON text and checks each field's shape.
     pub fn from_json(text: &str) -> Result<Self, EventError> {

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::event::{Event, EventError, EventId};
+use crate::event::{Event, EventError, EventId, ExactEvent};
 use crate::filter::{Filter, FilterError};
 
 /// A subscription id: a non-empty string of at most 64 characters (NIP-01).
@@ -211,12 +211,12 @@ impl MessageError {
 impl ClientMessage {
     /// Parses one client text frame.
     pub fn parse(text: &str) -> Result<Self, MessageError> {
-        // The usual frame, a well-formed EVENT, is read straight into its event without
-        // building a JSON tree first. Anything else, errors included, takes the general path
-        // below, so its answer does not depend on this shortcut.
-        if let Ok((verb, event)) = serde_json::from_str::<(&str, &RawValue)>(text)
+        // The usual frame, a well-formed EVENT with exactly NIP-01's fields, is read
+        // straight into its event without building a JSON tree first. Anything else, errors
+        // included, takes the general path below, so its answer does not depend on this
+        // shortcut.
+        if let Ok((verb, ExactEvent(event))) = serde_json::from_str::<(&str, ExactEvent)>(text)
             && matches!(verb, "EVENT" | "AUTH")
-            && let Ok(event) = Event::from_json(event.get())
         {
             let event = Box::new(event);
             return Ok(if verb == "EVENT" {
@@ -559,6 +559,22 @@ mod tests {
         assert!(matches!(ClientMessage::parse(&repeated), Ok(ClientMessage::Event(e)) if *e == ev));
         let extra = format!("[\"EVENT\",{json},1]");
         assert!(ClientMessage::parse(&extra).is_err());
+        // Unknown fields are skipped unvalidated by serde; the general path refuses these.
+        for unknown in [r#""x":"\ud800","#, r#""x":1e400,"#] {
+            let text = format!(
+                "[\"EVENT\",{}]",
+                json.replacen('{', &format!("{{{unknown}"), 1)
+            );
+            let err = ClientMessage::parse(&text).expect_err(&text);
+            assert!(
+                err.reason().starts_with("invalid: could not parse"),
+                "{text}: {err}"
+            );
+        }
+        let known_extra = format!("[\"EVENT\",{}]", json.replacen('{', "{\"x\":1,", 1));
+        assert!(
+            matches!(ClientMessage::parse(&known_extra), Ok(ClientMessage::Event(e)) if *e == ev)
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! vanished (pubkey, until, request)
 //! banned_pubkeys, allowed_pubkeys, banned_events, allowed_kinds, blocked_ips, relay_info,
 //! moderation_version   (NIP-86, version 2; mirrored in Redis, see `moderation`)
+//! store_regular_events(...)  function: a batch of regular events (version 3)
 //! ```
 //!
 //! **Invariant:** at most one row per (pubkey, kind, d_tag) for replaceable and addressable
@@ -135,9 +136,9 @@ const MIGRATIONS: &[(i32, &str)] = &[
     RETURNS TABLE (event_id bytea, outcome text)
     LANGUAGE plpgsql AS $fn$
     BEGIN
-        -- The shared locks first: each statement of a volatile function takes a new
-        -- snapshot, so the checks below see every deletion and request to vanish committed
-        -- under the exclusive lock before.
+        -- The shared locks first: under READ COMMITTED (Postgres's default) each statement
+        -- of a volatile function takes a new snapshot, so the checks below see every
+        -- deletion and request to vanish committed under the exclusive lock before.
         PERFORM pg_advisory_xact_lock_shared(k) FROM unnest($1) AS k;
         RETURN QUERY
         WITH t AS (

@@ -192,22 +192,26 @@ pub async fn run<H: Handler>(
     // Each loop is a task of its own, so it runs on the runtime's worker threads next to
     // the I/O it waits for; polled from `main`'s thread instead, every wake-up of a loop
     // was a hand-over between threads.
-    let loops: Vec<_> = consumers
-        .into_iter()
-        .map(|consumer| {
-            tokio::spawn(consume(
-                role,
-                consumer,
-                handler.clone(),
-                ctx.clone(),
-                claim_idle,
-                stop_rx.clone(),
-            ))
-        })
-        .collect();
-    for finished in futures_util::future::join_all(loops).await {
-        if let Err(e) = finished {
-            tracing::error!(error = %e, "a consume loop panicked");
+    let mut loops = tokio::task::JoinSet::new();
+    for consumer in consumers {
+        loops.spawn(consume(
+            role,
+            consumer,
+            handler.clone(),
+            ctx.clone(),
+            claim_idle,
+            stop_rx.clone(),
+        ));
+    }
+    while let Some(finished) = loops.join_next().await {
+        if let Err(e) = finished
+            && e.is_panic()
+        {
+            // A loop that panicked would leave the worker consuming less, or nothing, while
+            // its heartbeat says healthy: end the process, so it is restarted, as when the
+            // loops ran on main's thread.
+            tracing::error!(role = role.name(), "a consume loop panicked; exiting");
+            std::panic::resume_unwind(e.into_panic());
         }
     }
     tracing::info!(role = role.name(), "worker stopping");

@@ -89,17 +89,29 @@ pub struct NoAnswer {
 #[error("{0}")]
 pub struct Usage(pub String);
 
+/// How long `import` and `sync` wait for an unreachable database while applying migrations.
+const MIGRATE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Runs one subcommand.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let pool = || -> anyhow::Result<deadpool_postgres::Pool> {
         shared::store::pool(&cli.db).context("cannot set up the database pool")
     };
+    // import and sync write events through the ingest worker's own code, which needs the
+    // current schema (migration 3's function, say): bring the database up to it first.
+    let migrated = || async {
+        let pool = pool()?;
+        shared::store::migrate(&pool, MIGRATE_WAIT)
+            .await
+            .context("cannot bring the database schema up to date")?;
+        anyhow::Ok(pool)
+    };
     match cli.command {
-        Command::Import(args) => import::run(&pool()?, &cli.public, args).await,
+        Command::Import(args) => import::run(&migrated().await?, &cli.public, args).await,
         Command::Export(args) => export::run(&pool()?, args).await,
         Command::Stats(args) => stats::run(&pool()?, &cli.bus, args).await,
         Command::Delete(args) => delete::run(&pool()?, args).await,
-        Command::Sync(args) => sync::run(&pool()?, &cli.public, args).await,
+        Command::Sync(args) => sync::run(&migrated().await?, &cli.public, args).await,
     }
 }
 

@@ -479,8 +479,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// generator's CPU, reading 100-byte `OK`s.
 const READ_CHUNK: usize = 4096;
 
-/// Connects with TCP_NODELAY (latency benchmarks must not wait for Nagle). `small` keeps the
-/// client's own buffers small when thousands of connections are held.
+/// Connects with TCP_NODELAY (latency benchmarks must not wait for Nagle). `small` also
+/// turns off the client's write buffer, for when thousands of connections are held.
 async fn connect(url: &str, small: bool) -> anyhow::Result<Ws> {
     let mut config = WebSocketConfig::default().read_buffer_size(READ_CHUNK);
     if small {
