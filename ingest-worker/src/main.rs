@@ -4,6 +4,9 @@ use anyhow::Context as _;
 use clap::Parser;
 use ingest_worker::Config;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
