@@ -236,32 +236,36 @@ pub struct Event {
     pub sig: Signature,
 }
 
-/// The wire shape before field checks, so that errors can name the field.
-#[derive(Deserialize)]
-struct WireEvent {
-    id: String,
-    pubkey: String,
-    created_at: serde_json::Number,
-    kind: serde_json::Number,
-    tags: Vec<Vec<String>>,
-    content: String,
-    sig: String,
+/// Declares a struct of an event's wire fields, before field checks (so that errors can
+/// name the field), with the given attributes: one field list for both shapes below.
+macro_rules! wire_event {
+    ($(#[$meta:meta])* $name:ident) => {
+        #[derive(Deserialize)]
+        $(#[$meta])*
+        struct $name {
+            id: String,
+            pubkey: String,
+            created_at: serde_json::Number,
+            kind: serde_json::Number,
+            tags: Vec<Vec<String>>,
+            content: String,
+            sig: String,
+        }
+    };
 }
 
-/// [`WireEvent`] with no field beyond NIP-01's: serde skips unknown fields without
-/// validating them (lone surrogates, numbers out of range), so a reader that must refuse
-/// exactly what a full JSON parse refuses takes only this shape. See [`ExactEvent`].
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ExactWireEvent {
-    id: String,
-    pubkey: String,
-    created_at: serde_json::Number,
-    kind: serde_json::Number,
-    tags: Vec<Vec<String>>,
-    content: String,
-    sig: String,
-}
+wire_event!(
+    /// The wire shape; fields NIP-01 does not define are ignored.
+    WireEvent
+);
+
+wire_event!(
+    /// [`WireEvent`] with no field beyond NIP-01's: serde skips unknown fields without
+    /// validating them (lone surrogates, numbers out of range), so a reader that must refuse
+    /// exactly what a full JSON parse refuses takes only this shape. See [`ExactEvent`].
+    #[serde(deny_unknown_fields)]
+    ExactWireEvent
+);
 
 /// An event deserialized in place (inside a larger JSON document) and checked like
 /// [`Event::from_json`], but only if it has exactly NIP-01's fields. For the client
