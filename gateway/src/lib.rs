@@ -40,10 +40,6 @@ use registry::{LivePolicy, Registry, RegistryLimits};
 use shared::event::Kind;
 use shared::moderation::Current as Moderation;
 
-/// How often the moderation snapshot's version is checked, in case a notification was
-/// missed.
-const MODERATION_POLL: Duration = Duration::from_secs(3);
-
 /// What every request handler and session shares.
 pub struct AppState {
     /// The configuration.
@@ -136,7 +132,6 @@ pub async fn run(
         state.moderation.clone(),
         state.config.bus.redis_url.clone(),
         state.bus.clone(),
-        MODERATION_POLL,
     ));
     let subscriber = tokio::spawn(pubsub::run(Arc::clone(&state), stop_rx.clone()));
     let expirer = tokio::spawn(expire_loop(Arc::clone(&state), stop_rx));

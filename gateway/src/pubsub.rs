@@ -94,7 +94,7 @@ fn dispatch(state: &AppState, channel: &str, is_live: bool, payload: &[u8]) {
 }
 
 fn deliver_live(state: &AppState, channel: &str, live: bus::LiveEvent) {
-    let json = live.event.get().to_owned();
+    let json = Box::<str>::from(live.event).into_string();
     match Event::from_json(&json) {
         Ok(event) => {
             let span = receive_span("deliver live", &state.gateway, channel, &live.trace);

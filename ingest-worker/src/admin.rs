@@ -15,6 +15,7 @@ use shared::event::{EventId, Kind, PubKey};
 use shared::moderation::{self, AdminReply, AdminRequest, Change, Current, Moderation};
 use shared::store::StoreError;
 use shared::worker::Context;
+use tokio_postgres::types::ToSql;
 
 /// Applies and answers every management request among `entries` (other entries are left
 /// to the event path).
@@ -109,57 +110,39 @@ async fn apply(db: &Pool, change: &Change) -> Result<Moderation, StoreError> {
     let tx = client.transaction().await?;
     tx.execute("UPDATE moderation_version SET version = version + 1", &[])
         .await?;
+    let ip = |ip: &IpAddr| moderation::canonical_ip(*ip).to_string();
     match change {
         Change::BanPubkey { pubkey, reason } => {
-            tx.execute(
-                "INSERT INTO banned_pubkeys (pubkey, reason) VALUES ($1, $2) \
-                 ON CONFLICT (pubkey) DO UPDATE SET reason = EXCLUDED.reason",
-                &[&pubkey.as_bytes().as_slice(), reason],
-            )
-            .await?;
+            BANNED_PUBKEYS
+                .add(&tx, &pubkey.as_bytes().as_slice(), reason)
+                .await?
         }
         Change::UnbanPubkey { pubkey } => {
-            tx.execute(
-                "DELETE FROM banned_pubkeys WHERE pubkey = $1",
-                &[&pubkey.as_bytes().as_slice()],
-            )
-            .await?;
+            BANNED_PUBKEYS
+                .remove(&tx, &pubkey.as_bytes().as_slice())
+                .await?
         }
         Change::AllowPubkey { pubkey, reason } => {
-            tx.execute(
-                "INSERT INTO allowed_pubkeys (pubkey, reason) VALUES ($1, $2) \
-                 ON CONFLICT (pubkey) DO UPDATE SET reason = EXCLUDED.reason",
-                &[&pubkey.as_bytes().as_slice(), reason],
-            )
-            .await?;
+            ALLOWED_PUBKEYS
+                .add(&tx, &pubkey.as_bytes().as_slice(), reason)
+                .await?
         }
         Change::UnallowPubkey { pubkey } => {
-            tx.execute(
-                "DELETE FROM allowed_pubkeys WHERE pubkey = $1",
-                &[&pubkey.as_bytes().as_slice()],
-            )
-            .await?;
+            ALLOWED_PUBKEYS
+                .remove(&tx, &pubkey.as_bytes().as_slice())
+                .await?
         }
         Change::BanEvent { id, reason } => {
-            tx.execute(
-                "INSERT INTO banned_events (id, reason) VALUES ($1, $2) \
-                 ON CONFLICT (id) DO UPDATE SET reason = EXCLUDED.reason",
-                &[&id.as_bytes().as_slice(), reason],
-            )
-            .await?;
+            BANNED_EVENTS
+                .add(&tx, &id.as_bytes().as_slice(), reason)
+                .await?;
             tx.execute(
                 "DELETE FROM events WHERE id = $1",
                 &[&id.as_bytes().as_slice()],
             )
             .await?;
         }
-        Change::AllowEvent { id } => {
-            tx.execute(
-                "DELETE FROM banned_events WHERE id = $1",
-                &[&id.as_bytes().as_slice()],
-            )
-            .await?;
-        }
+        Change::AllowEvent { id } => BANNED_EVENTS.remove(&tx, &id.as_bytes().as_slice()).await?,
         Change::AllowKind { kind } => {
             tx.execute(
                 "INSERT INTO allowed_kinds (kind) VALUES ($1) ON CONFLICT DO NOTHING",
@@ -167,28 +150,9 @@ async fn apply(db: &Pool, change: &Change) -> Result<Moderation, StoreError> {
             )
             .await?;
         }
-        Change::DisallowKind { kind } => {
-            tx.execute(
-                "DELETE FROM allowed_kinds WHERE kind = $1",
-                &[&i32::from(kind.0)],
-            )
-            .await?;
-        }
-        Change::BlockIp { ip, reason } => {
-            tx.execute(
-                "INSERT INTO blocked_ips (ip, reason) VALUES ($1, $2) \
-                 ON CONFLICT (ip) DO UPDATE SET reason = EXCLUDED.reason",
-                &[&moderation::canonical_ip(*ip).to_string(), reason],
-            )
-            .await?;
-        }
-        Change::UnblockIp { ip } => {
-            tx.execute(
-                "DELETE FROM blocked_ips WHERE ip = $1",
-                &[&moderation::canonical_ip(*ip).to_string()],
-            )
-            .await?;
-        }
+        Change::DisallowKind { kind } => ALLOWED_KINDS.remove(&tx, &i32::from(kind.0)).await?,
+        Change::BlockIp { ip: addr, reason } => BLOCKED_IPS.add(&tx, &ip(addr), reason).await?,
+        Change::UnblockIp { ip: addr } => BLOCKED_IPS.remove(&tx, &ip(addr)).await?,
         Change::RelayName(value) => set_info(&tx, "name", value).await?,
         Change::RelayDescription(value) => set_info(&tx, "description", value).await?,
         Change::RelayIcon(value) => set_info(&tx, "icon", value).await?,
@@ -196,6 +160,52 @@ async fn apply(db: &Pool, change: &Change) -> Result<Moderation, StoreError> {
     let state = load_state(&tx).await?;
     tx.commit().await?;
     Ok(state)
+}
+
+/// One of the moderation lists: a table keyed by `column`.
+struct List {
+    table: &'static str,
+    column: &'static str,
+}
+
+const BANNED_PUBKEYS: List = List::new("banned_pubkeys", "pubkey");
+const ALLOWED_PUBKEYS: List = List::new("allowed_pubkeys", "pubkey");
+const BANNED_EVENTS: List = List::new("banned_events", "id");
+const ALLOWED_KINDS: List = List::new("allowed_kinds", "kind");
+const BLOCKED_IPS: List = List::new("blocked_ips", "ip");
+
+impl List {
+    const fn new(table: &'static str, column: &'static str) -> Self {
+        List { table, column }
+    }
+
+    /// Adds `key` with `reason`, or updates the reason of a key already listed.
+    async fn add(
+        &self,
+        client: &impl GenericClient,
+        key: &(dyn ToSql + Sync),
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let List { table, column } = self;
+        let sql = format!(
+            "INSERT INTO {table} ({column}, reason) VALUES ($1, $2) \
+             ON CONFLICT ({column}) DO UPDATE SET reason = EXCLUDED.reason"
+        );
+        client.execute(&sql, &[key, &reason]).await?;
+        Ok(())
+    }
+
+    /// Takes `key` off the list (nothing happens if it is not on it).
+    async fn remove(
+        &self,
+        client: &impl GenericClient,
+        key: &(dyn ToSql + Sync),
+    ) -> Result<(), StoreError> {
+        let List { table, column } = self;
+        let sql = format!("DELETE FROM {table} WHERE {column} = $1");
+        client.execute(&sql, &[key]).await?;
+        Ok(())
+    }
 }
 
 async fn set_info(client: &impl GenericClient, field: &str, value: &str) -> Result<(), StoreError> {

@@ -2,12 +2,12 @@
 
 use std::time::Instant;
 
+use serde_json::value::RawValue;
 use shared::bus::{
     self, ConnId, Entry, GatewayId, GatewayReply, IngestRequest, LiveEvent, TraceContext,
 };
 use shared::config::relay_host;
-use shared::event::{Event, EventId, Kind, KindClass};
-use shared::message::raw_json;
+use shared::event::{Event, EventId, KindClass};
 use shared::moderation::{self, Current, is_admin_entry};
 use shared::worker::{Context, Handler};
 use tracing::Instrument;
@@ -25,10 +25,6 @@ pub struct Ingest {
     redis_url: String,
 }
 
-/// How often the moderation snapshot's version is checked, in case a notification was
-/// missed.
-const MODERATION_POLL: std::time::Duration = std::time::Duration::from_secs(3);
-
 /// Most expired events deleted by one purge statement.
 const PURGE_BATCH: i64 = 10_000;
 
@@ -41,18 +37,6 @@ impl Ingest {
             moderation: Current::default(),
             redis_url: config.bus.redis_url.clone(),
         }
-    }
-
-    /// NIP-62: a kind-62 event whose `relay` tags name this relay or `ALL_RELAYS`.
-    fn is_vanish_for_us(&self, event: &Event) -> bool {
-        event.kind == Kind(62)
-            && event.tag_values("relay").any(|r| {
-                r == "ALL_RELAYS"
-                    || self
-                        .relay_host
-                        .as_deref()
-                        .is_some_and(|h| relay_host(r) == h)
-            })
     }
 }
 
@@ -81,8 +65,8 @@ struct Item {
     id: EventId,
     event: Result<Event, String>,
     /// The event JSON as the gateway serialized it (`Event::to_json`): stored and broadcast
-    /// as is, never serialized again.
-    json: String,
+    /// as is, never serialized or parsed again.
+    json: Box<RawValue>,
     span: tracing::Span,
 }
 
@@ -96,7 +80,6 @@ impl Handler for Ingest {
             self.moderation.clone(),
             self.redis_url.clone(),
             ctx.bus.clone(),
-            MODERATION_POLL,
         ));
         if !self.purge_every.is_zero() {
             tokio::spawn(purge_loop(ctx.db.clone(), self.purge_every));
@@ -120,32 +103,28 @@ impl Handler for Ingest {
             false
         });
 
-        let storable: Vec<(usize, &str)> = items
+        // The items to store (by index) and what the store needs of each, in the same order.
+        let (storable, pending): (Vec<usize>, Vec<Pending<'_>>) = items
             .iter()
             .enumerate()
             .filter_map(|(i, item)| match &item.event {
-                Ok(ev) if ev.class() != KindClass::Ephemeral => Some((i, item.json.as_str())),
+                Ok(event) if event.class() != KindClass::Ephemeral => Some((
+                    i,
+                    Pending {
+                        event,
+                        json: item.json.get(),
+                        vanish: write::is_vanish_request(event, self.relay_host.as_deref()),
+                    },
+                )),
                 _ => None,
             })
-            .collect();
-        let pending: Vec<Pending<'_>> = storable
-            .iter()
-            .filter_map(|&(i, json)| {
-                let event = items[i].event.as_ref().ok()?;
-                let vanish = self.is_vanish_for_us(event);
-                Some(Pending {
-                    event,
-                    json,
-                    vanish,
-                })
-            })
-            .collect();
+            .unzip();
         let results = if pending.is_empty() {
             Vec::new()
         } else {
             // One span for the batch's transaction, a child of the first event's trace and
             // linked to the others.
-            let first = &items[storable[0].0].span;
+            let first = &items[storable[0]].span;
             let span = shared::trace_span!(
                 parent: first,
                 "INSERT events",
@@ -155,8 +134,8 @@ impl Handler for Ingest {
                 db.collection.name = "events",
                 db.operation.batch.size = pending.len(),
             );
-            for (i, _) in storable.iter().skip(1) {
-                TraceContext::of(&items[*i].span).link(&span);
+            for &i in storable.iter().skip(1) {
+                TraceContext::of(&items[i].span).link(&span);
             }
             let started = Instant::now();
             let results = write::store_batch(&ctx.db, &pending).instrument(span).await;
@@ -164,22 +143,22 @@ impl Handler for Ingest {
                 .record(started.elapsed().as_secs_f64());
             results
         };
-        let mut stored = storable.iter().zip(results);
+        let mut results = results.into_iter();
 
         for item in &items {
             let (outcome, accepted, message) = match &item.event {
                 Err(reason) => ("invalid", false, format!("invalid: {reason}")),
                 Ok(ev) if ev.class() == KindClass::Ephemeral => {
-                    replies.live(item, item.json.clone());
+                    replies.live(item);
                     ("ephemeral", true, String::new())
                 }
                 Ok(_) => {
-                    let Some(((_, json), result)) = stored.next() else {
+                    let Some(result) = results.next() else {
                         continue;
                     };
                     match result {
                         Ok(Outcome::Stored) => {
-                            replies.live(item, json.to_string());
+                            replies.live(item);
                             ("stored", true, String::new())
                         }
                         Ok(Outcome::Duplicate) => ("duplicate", true, "duplicate: already have this event".into()),
@@ -212,7 +191,7 @@ impl Handler for Ingest {
     }
 }
 
-fn decode_all(entries: &[Entry]) -> Vec<(GatewayId, ConnId, String, tracing::Span)> {
+fn decode_all(entries: &[Entry]) -> Vec<(GatewayId, ConnId, Box<RawValue>, tracing::Span)> {
     entries
         .iter()
         .filter(|entry| !entry.payload.as_deref().is_some_and(is_admin_entry))
@@ -221,7 +200,7 @@ fn decode_all(entries: &[Entry]) -> Vec<(GatewayId, ConnId, String, tracing::Spa
             match decoded {
                 Some(Ok(req)) => {
                     let span = shared::worker::process_span(entry, shared::bus::INGEST_GROUP, &req.trace);
-                    Some((req.gateway, req.conn, req.event.get().to_owned(), span))
+                    Some((req.gateway, req.conn, req.event, span))
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, entry = %entry.id, "dropping undecodable ingest entry");
@@ -242,36 +221,55 @@ fn decode_all(entries: &[Entry]) -> Vec<(GatewayId, ConnId, String, tracing::Spa
 const INLINE_VERIFY_MAX: usize = 4;
 
 /// Parses and verifies every event, spreading the signature checks over the cores.
-async fn verify_all(decoded: Vec<(GatewayId, ConnId, String, tracing::Span)>) -> Vec<Item> {
+async fn verify_all(decoded: Vec<(GatewayId, ConnId, Box<RawValue>, tracing::Span)>) -> Vec<Item> {
     if decoded.len() <= INLINE_VERIFY_MAX {
         return decoded.into_iter().filter_map(verify_one).collect();
     }
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = decoded.len().div_ceil(threads).max(1);
-    let mut tasks = Vec::new();
-    let mut rest = decoded;
-    while !rest.is_empty() {
-        let tail = rest.split_off(chunk.min(rest.len()));
-        let part = std::mem::replace(&mut rest, tail);
-        tasks.push(tokio::task::spawn_blocking(move || {
-            part.into_iter().filter_map(verify_one).collect::<Vec<_>>()
-        }));
-    }
     let mut items = Vec::new();
-    for task in tasks {
-        match task.await {
-            Ok(part) => items.extend(part),
+    for part in in_parallel(decoded, verify_one).await {
+        match part {
+            Ok(part) => items.extend(part.into_iter().flatten()),
             Err(e) => tracing::error!(error = %e, "verification task failed"),
         }
     }
     items
 }
 
+/// Runs `f` over `items` on the blocking pool, one chunk per core, keeping the order:
+/// each chunk's results, or why its task failed. For signature checks, here and in
+/// `relay-admin import`.
+pub(crate) async fn in_parallel<T, R>(
+    items: Vec<T>,
+    f: impl Fn(T) -> R + Clone + Send + 'static,
+) -> Vec<Result<Vec<R>, tokio::task::JoinError>>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+{
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = items.len().div_ceil(threads).max(1);
+    let mut rest = items;
+    let mut tasks = Vec::new();
+    while !rest.is_empty() {
+        let tail = rest.split_off(chunk.min(rest.len()));
+        let part = std::mem::replace(&mut rest, tail);
+        let f = f.clone();
+        tasks.push(tokio::task::spawn_blocking(move || {
+            part.into_iter().map(f).collect::<Vec<R>>()
+        }));
+    }
+    let mut out = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        out.push(task.await);
+    }
+    out
+}
+
 fn verify_one(
-    (gateway, conn, json, span): (GatewayId, ConnId, String, tracing::Span),
+    (gateway, conn, json, span): (GatewayId, ConnId, Box<RawValue>, tracing::Span),
 ) -> Option<Item> {
     let _verify = shared::trace_span!(parent: &span, "verify").entered();
-    match Event::from_json(&json) {
+    match Event::from_json(json.get()) {
         Ok(event) => {
             span.record("nostr.event.id", tracing::field::display(event.id));
             span.record("nostr.event.kind", event.kind.0);
@@ -324,12 +322,9 @@ impl Replies {
             .push(&reply);
     }
 
-    fn live(&mut self, item: &Item, json: String) {
-        let Ok(event) = raw_json(json) else {
-            return;
-        };
+    fn live(&mut self, item: &Item) {
         self.live.push(&LiveEvent {
-            event,
+            event: item.json.clone(),
             trace: TraceContext::of(&item.span),
         });
     }

@@ -6,7 +6,7 @@
 //! for ordinary events, exclusive for deletions and requests to vanish. So a deletion and a
 //! re-publication of the deleted event, handled by two workers at once, cannot both win.
 
-use deadpool_postgres::{Pool, Transaction};
+use deadpool_postgres::{GenericClient, Pool, Transaction};
 use shared::event::{Event, EventId, Kind, KindClass, PubKey};
 use shared::store::StoreError;
 use tokio_postgres::types::ToSql;
@@ -33,10 +33,20 @@ pub enum Outcome {
 pub struct Pending<'a> {
     /// The verified event.
     pub event: &'a Event,
-    /// `event.to_json()`, computed once.
+    /// The JSON it is stored and served as (serialized once, by the gateway).
     pub json: &'a str,
     /// Whether this is a NIP-62 request to vanish addressed to this relay.
     pub vanish: bool,
+}
+
+/// NIP-62: whether `event` is a request to vanish addressed to this relay (whose host is
+/// `relay_host`, if it has a public URL): kind 62 with a `relay` tag naming this relay or
+/// `ALL_RELAYS`.
+pub fn is_vanish_request(event: &Event, relay_host: Option<&str>) -> bool {
+    event.kind == Kind(62)
+        && event.tag_values("relay").any(|r| {
+            r == "ALL_RELAYS" || relay_host.is_some_and(|h| shared::config::relay_host(r) == h)
+        })
 }
 
 /// Longest tag value indexed for `#x` queries, in bytes. Postgres btree entries are limited
@@ -145,10 +155,7 @@ async fn store_in_tx(db: &Pool, batch: &[Pending<'_>]) -> Result<Vec<Outcome>, S
     let tx = client.transaction().await?;
     let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
     if !simple.is_empty() {
-        let columns = Columns::new(batch, &simple);
-        let store = tx.prepare_cached(STORE_REGULAR).await?;
-        let rows = tx.query(&store, &columns.params()).await?;
-        for (i, outcome) in columns.outcomes(&rows) {
+        for (i, outcome) in store_regular(&tx, batch, &simple).await? {
             outcomes[i] = Some(outcome);
         }
     }
@@ -165,21 +172,32 @@ async fn store_in_tx(db: &Pool, batch: &[Pending<'_>]) -> Result<Vec<Outcome>, S
 }
 
 /// A batch of regular events only (the usual case): one statement, its own transaction,
-/// one round trip. The function takes the authors' shared locks, then checks and inserts.
+/// one round trip.
 async fn store_all_simple(
     db: &Pool,
     batch: &[Pending<'_>],
     simple: &[usize],
 ) -> Result<Vec<Outcome>, StoreError> {
     let client = db.get().await?;
-    let columns = Columns::new(batch, simple);
-    let store = client.prepare_cached(STORE_REGULAR).await?;
-    let rows = client.query(&store, &columns.params()).await?;
     let mut outcomes = vec![Outcome::Duplicate; batch.len()];
-    for (i, outcome) in columns.outcomes(&rows) {
+    for (i, outcome) in store_regular(&client, batch, simple).await? {
         outcomes[i] = outcome;
     }
     Ok(outcomes)
+}
+
+/// Stores the regular events `simple` (indexes into `batch`) with one [`STORE_REGULAR`]
+/// statement, which takes the authors' shared locks, then checks and inserts. Returns each
+/// one's outcome, batch index first.
+async fn store_regular(
+    client: &impl GenericClient,
+    batch: &[Pending<'_>],
+    simple: &[usize],
+) -> Result<Vec<(usize, Outcome)>, StoreError> {
+    let columns = Columns::new(batch, simple);
+    let store = client.prepare_cached(STORE_REGULAR).await?;
+    let rows = client.query(&store, &columns.params()).await?;
+    Ok(columns.outcomes(&rows))
 }
 
 /// Regular events and their tags, after the NIP-62 and NIP-09 checks, under the authors'
@@ -197,7 +215,7 @@ struct Columns<'a> {
     kinds: Vec<i32>,
     created: Vec<i64>,
     expires: Vec<Option<i64>>,
-    search: Vec<String>,
+    search: Vec<std::borrow::Cow<'a, str>>,
     json: Vec<&'a str>,
     tag_ids: Vec<&'a [u8]>,
     tag_names: Vec<String>,
@@ -244,7 +262,12 @@ impl<'a> Columns<'a> {
             c.kinds.push(i32::from(ev.kind.0));
             c.created.push(ev.created_at);
             c.expires.push(ev.expiration());
-            c.search.push(ev.content.replace('\0', ""));
+            // Postgres text cannot hold NUL: copy the content only when it has one.
+            c.search.push(if ev.content.contains('\0') {
+                ev.content.replace('\0', "").into()
+            } else {
+                ev.content.as_str().into()
+            });
             c.json.push(batch[i].json);
             for (name, value) in indexed(ev) {
                 c.tag_ids.push(ev.id.as_bytes().as_slice());

@@ -43,7 +43,7 @@ pub async fn reconcile(
             tracing::error!(error = %e, "negentropy task failed");
             "error: could not reconcile".to_owned()
         })??;
-    NegMessage::from_hex(&hex::encode(answered)).map_err(|e| format!("error: {e}"))
+    NegMessage::from_bytes(&answered).map_err(|e| format!("error: {e}"))
 }
 
 /// The `(created_at, id)` pairs of the filter's visible events: at most `max_items + 1`, so

@@ -299,41 +299,36 @@ pub fn decode<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, BusError> {
 /// costs only itself; a message that is not JSON at all is one error.
 pub fn decode_batch<T: serde::de::DeserializeOwned>(text: &str) -> Vec<Result<T, BusError>> {
     if !text.trim_start().starts_with('[') {
-        return vec![decode_owned(text)];
+        return vec![decode(text)];
     }
     match serde_json::from_str::<Vec<&RawValue>>(text) {
-        Ok(items) => items
-            .into_iter()
-            .map(|raw| decode_owned(raw.get()))
-            .collect(),
+        Ok(items) => items.into_iter().map(|raw| decode(raw.get())).collect(),
         Err(e) => vec![Err(e.into())],
     }
-}
-
-fn decode_owned<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, BusError> {
-    Ok(serde_json::from_str(text)?)
 }
 
 /// Envelopes for one channel, published as one message (a JSON array): a worker's batch of
 /// replies for one gateway, or of live events. Read with [`decode_batch`].
 #[derive(Debug, Default)]
 pub struct Batch {
-    json: String,
+    json: Vec<u8>,
 }
 
 impl Batch {
-    /// Appends an envelope.
+    /// Appends an envelope, serialized in place.
     pub fn push<T: Serialize>(&mut self, envelope: &T) {
-        self.json.push(if self.json.is_empty() { '[' } else { ',' });
-        self.json.push_str(&encode(envelope));
+        self.json
+            .push(if self.json.is_empty() { b'[' } else { b',' });
+        // ok: envelopes are strings, integers and already-valid raw JSON (see `encode`).
+        serde_json::to_writer(&mut self.json, envelope).expect("envelope serializes");
     }
 
-    /// The message to publish, or `None` if nothing was pushed.
-    pub fn finish(mut self) -> Option<String> {
+    /// The message to publish (JSON text), or `None` if nothing was pushed.
+    pub fn finish(mut self) -> Option<Vec<u8>> {
         if self.json.is_empty() {
             return None;
         }
-        self.json.push(']');
+        self.json.push(b']');
         Some(self.json)
     }
 }
@@ -797,7 +792,7 @@ mod tests {
         for n in 0..3 {
             batch.push(&live(n));
         }
-        let text = batch.finish().expect("three envelopes");
+        let text = String::from_utf8(batch.finish().expect("three envelopes")).expect("UTF-8");
         let events = |text: &str| -> Vec<String> {
             decode_batch::<LiveEvent>(text)
                 .into_iter()

@@ -112,6 +112,14 @@ impl NegMessage {
         Ok(NegMessage(s.to_ascii_lowercase()))
     }
 
+    /// Encodes message bytes; refused only when empty, like [`NegMessage::from_hex`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, &'static str> {
+        if bytes.is_empty() {
+            return Err("negentropy message is empty");
+        }
+        Ok(NegMessage(hex::encode(bytes)))
+    }
+
     /// The hex text.
     pub fn as_str(&self) -> &str {
         &self.0

@@ -298,10 +298,14 @@ impl Current {
     }
 }
 
+/// How often [`follow`] checks the snapshot's version, in case a notification was missed
+/// or the subscription is down.
+pub const POLL: Duration = Duration::from_secs(3);
+
 /// Keeps `current` up to date, forever: loads the snapshot, then reloads it on every
-/// notification and every `poll` (in case a notification was missed or the subscription
-/// is down). Failures are logged and retried; abort the task to stop it.
-pub async fn follow(current: Current, redis_url: String, bus: Bus, poll: Duration) {
+/// notification and every [`POLL`]. Failures are logged and retried; abort the task to stop
+/// it.
+pub async fn follow(current: Current, redis_url: String, bus: Bus) {
     let client = match redis::Client::open(redis_url.as_str()) {
         Ok(c) => c,
         Err(e) => return tracing::error!(error = %e, "bad Redis URL; moderation not followed"),
@@ -311,7 +315,7 @@ pub async fn follow(current: Current, redis_url: String, bus: Bus, poll: Duratio
         Err(e) => return tracing::error!(error = %e, "bad Redis URL; moderation not followed"),
     };
     let channel = bus.moderation_channel();
-    let mut tick = tokio::time::interval(poll);
+    let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let pubsub = async {

@@ -239,25 +239,13 @@ async fn sync_pulls_and_pushes_between_clusters() {
     import(&ours, &our_events).await;
 
     let filter = json!({"authors": [keys.pubkey().to_hex()]}).to_string();
-    let out = admin(
+    let summary = sync(
         &ours,
-        &[
-            "sync",
-            "--relay",
-            &theirs.url(),
-            "--filter",
-            &filter,
-            "--direction",
-            "pull",
-            "--page",
-            "5",
-            "--no-negentropy",
-        ],
-        None,
+        &theirs,
+        &filter,
+        &["--direction", "pull", "--page", "5", "--no-negentropy"],
     )
     .await;
-    let summary = stdout(&out);
-    assert!(out.status.success(), "{}\n{summary}", stderr(&out));
     assert!(summary.contains("method: REQ paging"), "{summary}");
     assert_eq!(count(&summary, "pull accepted"), 12, "{summary}");
 
@@ -272,22 +260,7 @@ async fn sync_pulls_and_pushes_between_clusters() {
     all.extend(our_events.iter().cloned());
     assert_eq!(sorted_ids(&mine), sorted_ids(&all));
 
-    let out = admin(
-        &ours,
-        &[
-            "sync",
-            "--relay",
-            &theirs.url(),
-            "--filter",
-            &filter,
-            "--direction",
-            "push",
-        ],
-        None,
-    )
-    .await;
-    let summary = stdout(&out);
-    assert!(out.status.success(), "{}\n{summary}", stderr(&out));
+    let summary = sync(&ours, &theirs, &filter, &["--direction", "push"]).await;
     // Whatever the method, the three events only we had arrive there.
     assert_eq!(count(&summary, "push accepted"), 3, "{summary}");
     assert_eq!(count(&summary, "push rejected"), 0, "{summary}");
@@ -303,26 +276,23 @@ async fn sync_pulls_and_pushes_between_clusters() {
     // Negentropy when our relay offers it: nothing is left to pull or push.
     let nips = supported_nips(&theirs).await;
     if nips.contains(&77) {
-        let out = admin(
-            &ours,
-            &[
-                "sync",
-                "--relay",
-                &theirs.url(),
-                "--filter",
-                &filter,
-                "--direction",
-                "both",
-            ],
-            None,
-        )
-        .await;
-        let summary = stdout(&out);
-        assert!(out.status.success(), "{}\n{summary}", stderr(&out));
+        let summary = sync(&ours, &theirs, &filter, &["--direction", "both"]).await;
         assert!(summary.contains("method: negentropy"), "{summary}");
         assert_eq!(count(&summary, "pull accepted"), 0, "{summary}");
         assert_eq!(count(&summary, "push sent"), 0, "{summary}");
     }
+}
+
+/// Runs `relay-admin sync` from `ours` against `theirs` with `filter` and `extra`
+/// arguments; asserts it succeeded and returns its summary (stdout).
+async fn sync(ours: &Cluster, theirs: &Cluster, filter: &str, extra: &[&str]) -> String {
+    let url = theirs.url();
+    let mut args = vec!["sync", "--relay", url.as_str(), "--filter", filter];
+    args.extend_from_slice(extra);
+    let out = admin(ours, &args, None).await;
+    let summary = stdout(&out);
+    assert!(out.status.success(), "{}\n{summary}", stderr(&out));
+    summary
 }
 
 /// The relay's NIP-11 `supported_nips`.

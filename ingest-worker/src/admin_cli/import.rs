@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use deadpool_postgres::Pool;
 use shared::config::{PublicUrl, relay_host};
-use shared::event::{Event, EventError, Kind, KindClass};
+use shared::event::{Event, EventError, KindClass};
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
 
+use crate::ingest::in_parallel;
 use crate::write::{self, Outcome, Pending};
 
 /// Lines parsed, verified and written together (one transaction).
@@ -115,7 +116,7 @@ impl Importer {
     /// Parses, verifies and stores numbered lines. Bad lines are reported and counted;
     /// only a database failure is an error.
     pub async fn add_lines(&mut self, lines: Vec<(u64, Vec<u8>)>) -> anyhow::Result<()> {
-        let checked = in_parallel(lines, |(n, line)| {
+        let checked = verify_in_parallel(lines, |(n, line)| {
             let event = match std::str::from_utf8(&line) {
                 Ok(text) => Event::from_json(text)
                     .and_then(|e| e.verify().map(|()| e))
@@ -131,7 +132,7 @@ impl Importer {
     /// Verifies and stores events received from elsewhere (`origin` names it in reports).
     pub async fn add_events(&mut self, events: Vec<Event>, origin: &str) -> anyhow::Result<()> {
         let origin = origin.to_owned();
-        let checked = in_parallel(events, move |e| {
+        let checked = verify_in_parallel(events, move |e| {
             let label = format!("{origin} event {}", e.id);
             let event = e
                 .verify()
@@ -181,7 +182,7 @@ impl Importer {
             .map(|((_, event), json)| Pending {
                 event,
                 json,
-                vanish: self.is_vanish_for_us(event),
+                vanish: write::is_vanish_request(event, self.relay_host.as_deref()),
             })
             .collect();
         let results = write::store_batch(&self.pool, &pending).await;
@@ -203,15 +204,6 @@ impl Importer {
             Some(e) => Err(e).context("storing events failed"),
             None => Ok(()),
         }
-    }
-
-    /// NIP-62: a kind-62 event whose `relay` tags name this relay or `ALL_RELAYS`, decided
-    /// as the ingest worker decides it.
-    fn is_vanish_for_us(&self, event: &Event) -> bool {
-        event.kind == Kind(62)
-            && event.tag_values("relay").any(|r| {
-                r == "ALL_RELAYS" || self.relay_host.as_deref() == Some(relay_host(r).as_str())
-            })
     }
 
     /// Counts and reports an item that is not an event at all.
@@ -238,8 +230,8 @@ impl Importer {
     }
 }
 
-/// Runs `f` over `items` on the blocking pool, one chunk per core, keeping the order.
-async fn in_parallel<T, R>(
+/// [`in_parallel`], with a failed task an error.
+async fn verify_in_parallel<T, R>(
     items: Vec<T>,
     f: impl Fn(T) -> R + Clone + Send + 'static,
 ) -> anyhow::Result<Vec<R>>
@@ -247,21 +239,9 @@ where
     T: Send + 'static,
     R: Send + 'static,
 {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = items.len().div_ceil(threads).max(1);
-    let mut rest = items;
-    let mut tasks = Vec::new();
-    while !rest.is_empty() {
-        let tail = rest.split_off(chunk.min(rest.len()));
-        let part = std::mem::replace(&mut rest, tail);
-        let f = f.clone();
-        tasks.push(tokio::task::spawn_blocking(move || {
-            part.into_iter().map(f).collect::<Vec<R>>()
-        }));
-    }
     let mut out = Vec::new();
-    for task in tasks {
-        out.extend(task.await.context("verification task failed")?);
+    for part in in_parallel(items, f).await {
+        out.extend(part.context("verification task failed")?);
     }
     Ok(out)
 }
