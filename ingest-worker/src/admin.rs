@@ -251,13 +251,11 @@ pub async fn load_state(client: &impl GenericClient) -> Result<Moderation, Store
         .await?
     {
         let id: &[u8] = row.get(0);
-        match <[u8; 32]>::try_from(id) {
-            Ok(bytes) => {
-                state
-                    .banned_events
-                    .insert(EventId::from_bytes(bytes), row.get(1));
+        match EventId::from_slice(id) {
+            Some(id) => {
+                state.banned_events.insert(id, row.get(1));
             }
-            Err(_) => tracing::warn!("skipping a banned event id that is not 32 bytes"),
+            None => tracing::warn!("skipping a banned event id that is not 32 bytes"),
         }
     }
     for row in client.query("SELECT kind FROM allowed_kinds", &[]).await? {
@@ -298,9 +296,9 @@ pub async fn load_state(client: &impl GenericClient) -> Result<Moderation, Store
 }
 
 fn pubkey(bytes: &[u8]) -> Option<PubKey> {
-    match <[u8; 32]>::try_from(bytes) {
-        Ok(b) => Some(PubKey::from_bytes(b)),
-        Err(_) => {
+    match PubKey::from_slice(bytes) {
+        Some(pubkey) => Some(pubkey),
+        None => {
             tracing::warn!("skipping a pubkey that is not 32 bytes");
             None
         }

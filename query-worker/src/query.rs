@@ -145,7 +145,7 @@ impl Query {
             let found = q.fetch(&client).await?;
             for row in found {
                 let id_bytes: &[u8] = row.get(0);
-                let Ok(id) = <[u8; 32]>::try_from(id_bytes).map(EventId::from_bytes) else {
+                let Some(id) = EventId::from_slice(id_bytes) else {
                     continue;
                 };
                 if seen.insert(id) {

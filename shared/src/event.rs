@@ -126,6 +126,10 @@ macro_rules! hex_id {
             pub fn from_bytes(bytes: [u8; $len]) -> Self {
                 Self(bytes)
             }
+            /// Wraps raw bytes read from storage; `None` unless exactly the right length.
+            pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+                <[u8; $len]>::try_from(bytes).ok().map(Self)
+            }
             /// The raw bytes.
             pub fn as_bytes(&self) -> &[u8; $len] {
                 &self.0

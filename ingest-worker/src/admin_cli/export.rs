@@ -104,9 +104,8 @@ async fn read_pages(
         let mut page = Vec::with_capacity(rows.len());
         for row in rows {
             let id: Vec<u8> = row.try_get(0)?;
-            let id = <[u8; 32]>::try_from(id.as_slice())
-                .map(EventId::from_bytes)
-                .map_err(|_| anyhow::anyhow!("stored id is not 32 bytes"))?;
+            let id = EventId::from_slice(&id)
+                .ok_or_else(|| anyhow::anyhow!("stored id is not 32 bytes"))?;
             page.push(Stored {
                 id,
                 created_at: row.try_get(1)?,

@@ -90,7 +90,7 @@ pub struct Importer {
     pool: Pool,
     relay_host: Option<String>,
     /// The NIP-86 moderation state, read from Postgres before the first batch is stored.
-    moderation: Option<shared::moderation::Moderation>,
+    moderation: Option<std::sync::Arc<shared::moderation::Moderation>>,
     /// Counts so far.
     pub tally: Tally,
     reported: u64,
@@ -154,8 +154,9 @@ impl Importer {
             let state = crate::admin::load_state(&client)
                 .await
                 .context("reading the moderation state (NIP-86)")?;
-            self.moderation = Some(state);
+            self.moderation = Some(std::sync::Arc::new(state));
         }
+        // An Arc: each batch shares the state read once, without copying its lists.
         let moderation = self.moderation.clone().unwrap_or_default();
         let now = shared::unix_now();
         let mut events = Vec::with_capacity(checked.len());

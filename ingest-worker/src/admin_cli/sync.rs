@@ -307,7 +307,7 @@ async fn push_ids(
             .await?;
         for row in rows {
             let id: Vec<u8> = row.try_get(0)?;
-            let Ok(id) = <[u8; 32]>::try_from(id.as_slice()).map(EventId::from_bytes) else {
+            let Some(id) = EventId::from_slice(&id) else {
                 continue;
             };
             let json: String = row.try_get(1)?;
