@@ -3,11 +3,11 @@
 //! item set, answers the message and forgets. Each round reloads the items.
 
 use deadpool_postgres::Pool;
-use negentropy::{Id, Negentropy, NegentropyStorageVector};
+use negentropy::Negentropy;
 use shared::bus::Viewer;
 use shared::filter::Filter;
 use shared::message::NegMessage;
-use shared::sql::items_query;
+use shared::nip77::{self, Item};
 
 /// The largest responder message, in bytes (hex on the wire doubles it). The initiator asks
 /// again for what did not fit, so this bounds one reply, not what a session can learn.
@@ -46,42 +46,26 @@ pub async fn reconcile(
     NegMessage::from_bytes(&answered).map_err(|e| format!("error: {e}"))
 }
 
-/// The `(created_at, id)` pairs of the filter's visible events: at most `max_items + 1`, so
-/// a set over the cap is recognised without loading all of it.
+/// The items of the filter's visible events: at most `max_items + 1`, so a set over the cap
+/// is recognised without loading all of it.
 async fn load_items(
     db: &Pool,
     filter: &Filter,
     viewer: &Viewer,
     max_items: u64,
-) -> Result<Vec<(u64, [u8; 32])>, shared::store::StoreError> {
+) -> Result<Vec<Item>, shared::store::StoreError> {
     let client = db.get().await?;
     let limit = i64::try_from(max_items.saturating_add(1)).unwrap_or(i64::MAX);
-    let q = items_query(filter, viewer, shared::unix_now(), limit);
-    let rows = q.fetch(&client).await?;
-    Ok(rows
-        .iter()
-        .filter_map(|row| {
-            // Negentropy timestamps are unsigned; an event before 1970 cannot take part.
-            let created_at = u64::try_from(row.get::<_, i64>(0)).ok()?;
-            let id = <[u8; 32]>::try_from(row.get::<_, &[u8]>(1)).ok()?;
-            Some((created_at, id))
-        })
-        .collect())
+    nip77::load(&client, filter, viewer, limit).await
 }
 
 /// Runs the responder over `items` (CPU-bound: sorts and hashes the whole set).
-fn respond(items: Vec<(u64, [u8; 32])>, query: &[u8]) -> Result<Vec<u8>, String> {
+fn respond(items: Vec<Item>, query: &[u8]) -> Result<Vec<u8>, String> {
     let internal = |e: negentropy::Error| {
         tracing::error!(error = %e, "negentropy storage failed");
         "error: could not reconcile".to_owned()
     };
-    let mut storage = NegentropyStorageVector::with_capacity(items.len());
-    for (created_at, id) in items {
-        storage
-            .insert(created_at, Id::from_byte_array(id))
-            .map_err(internal)?;
-    }
-    storage.seal().map_err(internal)?;
+    let storage = nip77::storage(items).map_err(internal)?;
     let mut responder = Negentropy::owned(storage, FRAME_SIZE_LIMIT).map_err(internal)?;
     responder
         .reconcile(query)
@@ -91,16 +75,19 @@ fn respond(items: Vec<(u64, [u8; 32])>, query: &[u8]) -> Result<Vec<u8>, String>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use negentropy::{Id, NegentropyStorageVector};
+    use shared::event::EventId;
 
-    fn id(n: u8) -> [u8; 32] {
-        [n; 32]
+    fn id(n: u8) -> EventId {
+        EventId::from_bytes([n; 32])
     }
 
     #[test]
     fn the_responder_tells_the_initiator_what_differs() {
         let mut mine = NegentropyStorageVector::new();
         for (t, n) in [(1, 1), (2, 2)] {
-            mine.insert(t, Id::from_byte_array(id(n))).expect("insert");
+            mine.insert(t, Id::from_byte_array(*id(n).as_bytes()))
+                .expect("insert");
         }
         mine.seal().expect("seal");
         let mut initiator = Negentropy::owned(mine, 0).expect("initiator");
@@ -117,8 +104,8 @@ mod tests {
                 None => break,
             }
         }
-        assert_eq!(have, vec![Id::from_byte_array(id(1))]);
-        assert_eq!(need, vec![Id::from_byte_array(id(3))]);
+        assert_eq!(have, vec![Id::from_byte_array(*id(1).as_bytes())]);
+        assert_eq!(need, vec![Id::from_byte_array(*id(3).as_bytes())]);
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! - [`moderation`]: the NIP-86 moderation state, its Redis snapshot and the admin envelopes.
 //! - `store` (feature `worker`): the Postgres schema, migrations and pool.
 //! - `sql` (feature `worker`): filters as parameterized SQL (query workers and tools).
+//! - `nip77` (feature `worker`): NIP-77 item sets, built alike by both reconciling sides.
 //! - `worker` (feature `worker`): the read → handle → ack loop both workers run.
 //! - `health` (feature `worker`): the workers' small HTTP server (`/metrics`, `/healthz`,
 //!   `/readyz`).
@@ -29,6 +30,8 @@ pub mod filter;
 pub mod health;
 pub mod message;
 pub mod moderation;
+#[cfg(feature = "worker")]
+pub mod nip77;
 pub mod nip98;
 pub mod shutdown;
 #[cfg(feature = "worker")]

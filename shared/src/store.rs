@@ -42,6 +42,9 @@ pub enum StoreError {
     /// The pool could not be built.
     #[error("database pool setup: {0}")]
     Build(#[from] deadpool_postgres::BuildError),
+    /// A stored value does not have the shape the schema promises.
+    #[error("a stored {0} is malformed")]
+    Corrupt(&'static str),
 }
 
 /// Schema versions in order. Each runs once, in a transaction, under an advisory lock so

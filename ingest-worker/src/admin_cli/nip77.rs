@@ -6,9 +6,10 @@
 //! `["NEG-ERR", sub, reason]` means the relay gave up (the caller falls back to REQ).
 
 use anyhow::Context as _;
-use negentropy::{Id, Negentropy, NegentropyStorageVector};
+use negentropy::{Id, Negentropy};
 use serde_json::{Value, json};
 use shared::event::EventId;
+use shared::nip77::{self, Item};
 
 use super::remote::Remote;
 
@@ -30,18 +31,9 @@ pub struct Diff {
 pub async fn reconcile(
     remote: &mut Remote,
     filter: &Value,
-    local: Vec<(i64, EventId)>,
+    local: Vec<Item>,
 ) -> anyhow::Result<Result<Diff, String>> {
-    let mut storage = NegentropyStorageVector::with_capacity(local.len());
-    for (created_at, id) in local {
-        let created_at = u64::try_from(created_at).unwrap_or(0);
-        storage
-            .insert(created_at, Id::from_byte_array(*id.as_bytes()))
-            .map_err(|e| anyhow::anyhow!("negentropy: {e}"))?;
-    }
-    storage
-        .seal()
-        .map_err(|e| anyhow::anyhow!("negentropy: {e}"))?;
+    let storage = nip77::storage(local).map_err(|e| anyhow::anyhow!("negentropy: {e}"))?;
     let mut neg = Negentropy::borrowed(&storage, FRAME_LIMIT)
         .map_err(|e| anyhow::anyhow!("negentropy: {e}"))?;
     let first = neg

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 use anyhow::{Context as _, bail};
 use deadpool_postgres::Pool;
 use serde_json::{Value, json};
+use shared::bus::Viewer;
 use shared::config::PublicUrl;
 use shared::event::{Event, EventId};
 use shared::filter::Filter;
@@ -163,14 +164,11 @@ pub async fn run(pool: &Pool, public: &PublicUrl, args: SyncArgs) -> anyhow::Res
     result
 }
 
-/// `(created_at, id)` of every local event matching `filter`.
-async fn local_items(pool: &Pool, filter: &Filter) -> anyhow::Result<Vec<(i64, EventId)>> {
-    let mut pages = export::stream(pool.clone(), filter.clone(), Order::Desc);
-    let mut items = Vec::new();
-    while let Some(page) = pages.recv().await {
-        items.extend(page?.into_iter().map(|s| (s.created_at, s.id)));
-    }
-    Ok(items)
+/// `(created_at, id)` of every local event matching `filter` (every kind, expired ones
+/// hidden, as `export` reads them), read without their JSON.
+async fn local_items(pool: &Pool, filter: &Filter) -> anyhow::Result<Vec<shared::nip77::Item>> {
+    let client = pool.get().await.context("cannot reach the database")?;
+    Ok(shared::nip77::load(&client, filter, &Viewer::default(), i64::MAX).await?)
 }
 
 /// Sends `REQ` and returns the events up to `EOSE`, then closes the subscription. Items
