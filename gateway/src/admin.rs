@@ -33,28 +33,76 @@ use crate::AppState;
 /// The `Content-Type` of a management request.
 pub const RPC_CONTENT_TYPE: &str = "application/nostr+json+rpc";
 
-/// Every method this relay answers (what `supportedmethods` returns).
-pub const SUPPORTED_METHODS: &[&str] = &[
-    "supportedmethods",
-    "banpubkey",
-    "unbanpubkey",
-    "listbannedpubkeys",
-    "allowpubkey",
-    "unallowpubkey",
-    "listallowedpubkeys",
-    "listeventsneedingmoderation",
-    "allowevent",
-    "banevent",
-    "listbannedevents",
-    "changerelayname",
-    "changerelaydescription",
-    "changerelayicon",
-    "allowkind",
-    "disallowkind",
-    "listallowedkinds",
-    "blockip",
-    "unblockip",
-    "listblockedips",
+/// Reads one method's positional parameters into the [`Call`] it asks for.
+type ReadParams = fn(&Params<'_>) -> Result<Call, String>;
+
+/// Every method this relay answers, in the order `supportedmethods` lists them, with how
+/// its parameters are read. The only list of method names: [`parse`] looks methods up here.
+const METHODS: &[(&str, ReadParams)] = &[
+    ("supportedmethods", |_| Ok(Call::SupportedMethods)),
+    ("banpubkey", |p| {
+        Ok(Call::Change(Change::BanPubkey {
+            pubkey: p.pubkey()?,
+            reason: p.reason()?,
+        }))
+    }),
+    ("unbanpubkey", |p| {
+        Ok(Call::Change(Change::UnbanPubkey {
+            pubkey: p.pubkey()?,
+        }))
+    }),
+    ("listbannedpubkeys", |_| Ok(Call::ListBannedPubkeys)),
+    ("allowpubkey", |p| {
+        Ok(Call::Change(Change::AllowPubkey {
+            pubkey: p.pubkey()?,
+            reason: p.reason()?,
+        }))
+    }),
+    ("unallowpubkey", |p| {
+        Ok(Call::Change(Change::UnallowPubkey {
+            pubkey: p.pubkey()?,
+        }))
+    }),
+    ("listallowedpubkeys", |_| Ok(Call::ListAllowedPubkeys)),
+    ("listeventsneedingmoderation", |_| {
+        Ok(Call::ListEventsNeedingModeration)
+    }),
+    ("allowevent", |p| {
+        Ok(Call::Change(Change::AllowEvent { id: p.event_id()? }))
+    }),
+    ("banevent", |p| {
+        Ok(Call::Change(Change::BanEvent {
+            id: p.event_id()?,
+            reason: p.reason()?,
+        }))
+    }),
+    ("listbannedevents", |_| Ok(Call::ListBannedEvents)),
+    ("changerelayname", |p| {
+        Ok(Call::Change(Change::RelayName(p.text()?)))
+    }),
+    ("changerelaydescription", |p| {
+        Ok(Call::Change(Change::RelayDescription(p.text()?)))
+    }),
+    ("changerelayicon", |p| {
+        Ok(Call::Change(Change::RelayIcon(p.text()?)))
+    }),
+    ("allowkind", |p| {
+        Ok(Call::Change(Change::AllowKind { kind: p.kind()? }))
+    }),
+    ("disallowkind", |p| {
+        Ok(Call::Change(Change::DisallowKind { kind: p.kind()? }))
+    }),
+    ("listallowedkinds", |_| Ok(Call::ListAllowedKinds)),
+    ("blockip", |p| {
+        Ok(Call::Change(Change::BlockIp {
+            ip: p.ip()?,
+            reason: p.reason()?,
+        }))
+    }),
+    ("unblockip", |p| {
+        Ok(Call::Change(Change::UnblockIp { ip: p.ip()? }))
+    }),
+    ("listblockedips", |_| Ok(Call::ListBlockedIps)),
 ];
 
 type Waiting = Mutex<HashMap<u64, oneshot::Sender<Result<u64, String>>>>;
@@ -152,7 +200,10 @@ pub async fn rpc(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
     };
     tracing::info!(admin = %pubkey, call = ?call, "management request");
     match call {
-        Call::SupportedMethods => result(json!(SUPPORTED_METHODS)),
+        Call::SupportedMethods => {
+            let names: Vec<&str> = METHODS.iter().map(|(name, _)| *name).collect();
+            result(json!(names))
+        }
         Call::Change(change) => apply(&state, change).await,
         Call::ListEventsNeedingModeration => result(json!([])),
         list => {
@@ -288,49 +339,11 @@ fn parse(body: &[u8]) -> Result<Call, String> {
         Some(Value::Array(p)) => p,
         Some(_) => return Err("invalid: \"params\" must be an array".into()),
     };
-    let p = Params(params);
-    Ok(match method {
-        "supportedmethods" => Call::SupportedMethods,
-        "banpubkey" => Call::Change(Change::BanPubkey {
-            pubkey: p.pubkey()?,
-            reason: p.reason()?,
-        }),
-        "unbanpubkey" => Call::Change(Change::UnbanPubkey {
-            pubkey: p.pubkey()?,
-        }),
-        "allowpubkey" => Call::Change(Change::AllowPubkey {
-            pubkey: p.pubkey()?,
-            reason: p.reason()?,
-        }),
-        "unallowpubkey" => Call::Change(Change::UnallowPubkey {
-            pubkey: p.pubkey()?,
-        }),
-        "banevent" => Call::Change(Change::BanEvent {
-            id: p.event_id()?,
-            reason: p.reason()?,
-        }),
-        "allowevent" => Call::Change(Change::AllowEvent { id: p.event_id()? }),
-        "allowkind" => Call::Change(Change::AllowKind { kind: p.kind()? }),
-        "disallowkind" => Call::Change(Change::DisallowKind { kind: p.kind()? }),
-        "blockip" => Call::Change(Change::BlockIp {
-            ip: p.ip()?,
-            reason: p.reason()?,
-        }),
-        "unblockip" => Call::Change(Change::UnblockIp { ip: p.ip()? }),
-        "changerelayname" => Call::Change(Change::RelayName(p.text()?)),
-        "changerelaydescription" => Call::Change(Change::RelayDescription(p.text()?)),
-        "changerelayicon" => Call::Change(Change::RelayIcon(p.text()?)),
-        "listbannedpubkeys" => Call::ListBannedPubkeys,
-        "listallowedpubkeys" => Call::ListAllowedPubkeys,
-        "listbannedevents" => Call::ListBannedEvents,
-        "listeventsneedingmoderation" => Call::ListEventsNeedingModeration,
-        "listallowedkinds" => Call::ListAllowedKinds,
-        "listblockedips" => Call::ListBlockedIps,
-        other => {
-            let shown: String = other.chars().take(64).collect();
-            return Err(format!("unsupported method {shown:?}"));
-        }
-    })
+    let Some((_, read)) = METHODS.iter().find(|(name, _)| *name == method) else {
+        let shown: String = method.chars().take(64).collect();
+        return Err(format!("unsupported method {shown:?}"));
+    };
+    read(&Params(params))
 }
 
 /// A method's positional parameters.
@@ -441,7 +454,7 @@ mod tests {
         assert!(parse(br#"{"method":"banpubkey","params":["xyz"]}"#).is_err());
         assert!(parse(br#"{"method":"createrole","params":[]}"#).is_err());
         assert!(parse(b"not json").is_err());
-        for method in SUPPORTED_METHODS {
+        for (method, _) in METHODS {
             let body = format!(r#"{{"method":"{method}","params":[]}}"#);
             let parsed = parse(body.as_bytes());
             assert!(

@@ -96,6 +96,8 @@ pub async fn run(
         live_buffer: config.limits.live_buffer,
         duplicate_window: Duration::from_millis(config.limits.duplicate_window_ms),
         reply_timeout: Duration::from_millis(config.limits.reply_timeout_ms),
+        max_neg_sessions: config.limits.max_neg_sessions,
+        neg_idle: Duration::from_secs(config.limits.neg_idle_secs),
     };
     let drain = Duration::from_secs(config.limits.drain_secs);
     let gateway = GatewayId::random();

@@ -85,8 +85,6 @@ struct NegSession {
     deadline: Option<Instant>,
     /// Between rounds: when to end the session with `NEG-ERR closed:`.
     idle_at: Instant,
-    /// How long the client may take between rounds.
-    idle: Duration,
 }
 
 /// The index keys of a subscription: each filter is filed under its most selective
@@ -159,6 +157,10 @@ pub struct RegistryLimits {
     /// How long an EVENT, REQ or COUNT may wait for its worker's answer before the gateway
     /// answers `error:` itself.
     pub reply_timeout: Duration,
+    /// Open negentropy sessions per connection; `neg_open` refuses one more.
+    pub max_neg_sessions: usize,
+    /// How long a negentropy session may wait for the client's next round.
+    pub neg_idle: Duration,
 }
 
 /// Who may see live events of which kinds.
@@ -427,8 +429,8 @@ impl Registry {
     }
 
     /// Opens (or replaces) a negentropy session whose first round, `req`, is about to go to
-    /// the bus. Refused with the number open when `max` are open and `sub_id` is not one.
-    #[allow(clippy::too_many_arguments)]
+    /// the bus. Refused with the number open when `max_neg_sessions` are open and `sub_id`
+    /// is not one.
     pub fn neg_open(
         &self,
         conn: ConnId,
@@ -436,8 +438,6 @@ impl Registry {
         filter: Filter,
         viewer: Viewer,
         req: ReqId,
-        max: usize,
-        idle: Duration,
     ) -> Result<(), usize> {
         let now = Instant::now();
         let deadline = now + self.limits.reply_timeout;
@@ -445,7 +445,7 @@ impl Registry {
         let Some(c) = inner.conns.get_mut(&conn) else {
             return Ok(());
         };
-        if c.neg.len() >= max && !c.neg.contains_key(&sub_id) {
+        if c.neg.len() >= self.limits.max_neg_sessions && !c.neg.contains_key(&sub_id) {
             return Err(c.neg.len());
         }
         c.neg.insert(
@@ -455,8 +455,7 @@ impl Registry {
                 viewer,
                 req,
                 deadline: Some(deadline),
-                idle_at: now + idle,
-                idle,
+                idle_at: now + self.limits.neg_idle,
             },
         );
         Ok(())
@@ -496,7 +495,7 @@ impl Registry {
         match result {
             Ok(message) => {
                 neg.deadline = None;
-                neg.idle_at = Instant::now() + neg.idle;
+                neg.idle_at = Instant::now() + self.limits.neg_idle;
                 push(conn, &c.handle, neg_msg_frame(sub_id, &message));
             }
             Err(reason) => {
@@ -695,6 +694,8 @@ mod tests {
                 live_buffer: 10,
                 duplicate_window: Duration::from_secs(5),
                 reply_timeout: Duration::from_secs(5),
+                max_neg_sessions: 1,
+                neg_idle: Duration::from_secs(60),
             },
             LivePolicy {
                 restricted_kinds: vec![Kind(4)],
@@ -835,20 +836,20 @@ mod tests {
     fn negentropy_rounds_time_out_idle_sessions_close_and_stale_answers_drop() {
         let (reg, mut rx) = registry();
         let sub = SubId::new("n").expect("valid");
-        let open = |req, max| {
+        let open_as = |sub: &SubId, req| {
             reg.neg_open(
                 ConnId(1),
                 sub.clone(),
                 filter(serde_json::json!({})),
                 Viewer::default(),
                 ReqId(req),
-                max,
-                Duration::from_secs(60),
             )
         };
-        assert_eq!(open(1, 0), Err(0), "the limit counts");
-        assert_eq!(open(1, 1), Ok(()));
-        assert_eq!(open(2, 1), Ok(()), "replacing is not one more");
+        let open = |req| open_as(&sub, req);
+        assert_eq!(open(1), Ok(()));
+        let other = SubId::new("m").expect("valid");
+        assert_eq!(open_as(&other, 9), Err(1), "the limit counts");
+        assert_eq!(open(2), Ok(()), "replacing is not one more");
         let answer = NegMessage::from_hex("61").expect("hex");
         reg.neg_reply(ConnId(1), ReqId(1), &sub, Ok(answer.clone()));
         assert!(
@@ -865,7 +866,7 @@ mod tests {
         assert!(texts(&mut rx).is_empty(), "late answers are dropped");
         assert!(reg.neg_round(ConnId(1), &sub, ReqId(4)).is_none());
 
-        assert_eq!(open(5, 1), Ok(()));
+        assert_eq!(open(5), Ok(()));
         reg.neg_reply(ConnId(1), ReqId(5), &sub, Ok(answer));
         texts(&mut rx);
         reg.expire(Instant::now() + Duration::from_secs(30));

@@ -6,6 +6,7 @@ use shared::message::{ok_frame, raw_json};
 use shared::telemetry::record_trace_id;
 use tracing::{Instrument, field::Empty};
 
+use crate::cmd::send_span;
 use crate::policy;
 use crate::ratelimit::{self, Limit};
 use crate::session::Session;
@@ -58,14 +59,7 @@ impl Publish {
             return;
         };
         let stream = state.bus.ingest_stream(&id);
-        let send = shared::trace_span!(
-            "send",
-            otel.name = %format!("send {stream}"),
-            otel.kind = "producer",
-            messaging.system = "redis",
-            messaging.operation.type = "send",
-            messaging.destination.name = %stream,
-        );
+        let send = send_span(&stream);
         let request = IngestRequest {
             gateway: state.gateway.clone(),
             conn: session.conn,

@@ -87,6 +87,19 @@ impl Command {
     }
 }
 
+/// The producer span of an entry put on the Redis stream `stream` (an `EVENT` on its ingest
+/// shard, a query on its query shard); the entry carries its trace context.
+pub(crate) fn send_span(stream: &str) -> tracing::Span {
+    shared::trace_span!(
+        "send",
+        otel.name = %format!("send {stream}"),
+        otel.kind = "producer",
+        messaging.system = "redis",
+        messaging.operation.type = "send",
+        messaging.destination.name = %stream,
+    )
+}
+
 /// Answers a message that could not be parsed.
 pub fn reject(session: &Session, err: MessageError) {
     let reason = err.reason();

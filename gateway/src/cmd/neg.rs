@@ -3,14 +3,11 @@
 //! as a stateless responder. Each round gets `NEG-MSG` or `NEG-ERR` within the reply
 //! timeout; a session the client leaves idle is ended with `NEG-ERR closed:`.
 
-use std::time::Duration;
-
 use shared::bus::{QueryKind, ReqId, Viewer};
 use shared::filter::Filter;
 use shared::message::{NegMessage, SubId, neg_err_frame};
 
-use crate::cmd::req::{admit, send_query};
-use crate::ratelimit::{self, Limit};
+use crate::cmd::req::{admit, send_query, within_req_rate};
 use crate::session::Session;
 
 /// A client's negentropy message.
@@ -69,7 +66,6 @@ async fn open(session: &mut Session, sub_id: SubId, filter: Filter, message: Neg
     }
     let [filter] = filters;
     let state = &session.state;
-    let limits = &state.config.limits;
     let req = ReqId(state.next_id());
     let viewer = session.viewer();
     let opened = state.registry.neg_open(
@@ -78,11 +74,9 @@ async fn open(session: &mut Session, sub_id: SubId, filter: Filter, message: Neg
         filter.clone(),
         viewer.clone(),
         req,
-        limits.max_neg_sessions,
-        Duration::from_secs(limits.neg_idle_secs),
     );
     if let Err(open) = opened {
-        let max = limits.max_neg_sessions;
+        let max = state.config.limits.max_neg_sessions;
         session.send(neg_err_frame(
             &sub_id,
             &format!(
@@ -97,10 +91,9 @@ async fn open(session: &mut Session, sub_id: SubId, filter: Filter, message: Neg
 /// `NEG-MSG`: the next round of an open session, against the filter it was opened with.
 async fn round(session: &mut Session, sub_id: SubId, message: NegMessage) {
     let state = &session.state;
-    let limit = Limit::reqs_from_ip(session.ip, state.config.rate.reqs_per_ip);
-    if let Some(limit) = ratelimit::exceeded(state, vec![limit]).await {
+    if let Err(reason) = within_req_rate(session).await {
         // After NEG-ERR the session is over (NIP-77); the client may open it again later.
-        session.send(neg_err_frame(&sub_id, &limit.to_string()));
+        session.send(neg_err_frame(&sub_id, &reason));
         state.registry.neg_close(session.conn, &sub_id);
         return;
     }

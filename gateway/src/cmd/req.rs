@@ -7,6 +7,7 @@ use shared::message::{SubId, closed_frame};
 use shared::telemetry::record_trace_id;
 use tracing::{Instrument, field::Empty};
 
+use crate::cmd::send_span;
 use crate::policy;
 use crate::ratelimit::{self, Limit};
 use crate::session::Session;
@@ -103,23 +104,18 @@ pub async fn admit(
             ));
         }
     }
+    within_req_rate(session).await
+}
+
+/// Counts one query message (`REQ`, `COUNT`, `NEG-OPEN`, `NEG-MSG`) against the per-IP
+/// rate limit; over it, `Err` holds the `rate-limited:` reason for the client.
+pub async fn within_req_rate(session: &Session) -> Result<(), String> {
+    let state = &session.state;
     let limit = Limit::reqs_from_ip(session.ip, state.config.rate.reqs_per_ip);
     match ratelimit::exceeded(state, vec![limit]).await {
         Some(limit) => Err(limit.to_string()),
         None => Ok(()),
     }
-}
-
-/// The producer span of a query sent to `stream`.
-pub fn send_span(stream: &str) -> tracing::Span {
-    shared::trace_span!(
-        "send",
-        otel.name = %format!("send {stream}"),
-        otel.kind = "producer",
-        messaging.system = "redis",
-        messaging.operation.type = "send",
-        messaging.destination.name = %stream,
-    )
 }
 
 /// Puts a query on this connection's query stream shard, traced as a producer span.
