@@ -697,24 +697,65 @@ pub async fn live_workers(
     Ok(n)
 }
 
-/// Sets the gauges of a role's streams: length (`nostr_stream_length`), and for its group
-/// the entries read but not acknowledged (`nostr_stream_pending`) and not yet read
-/// (`nostr_stream_lag`). Failures only skip an update.
-pub async fn record_stream_gauges(conn: &mut ConnectionManager, bus: &Bus, role: Role) {
+/// How far one stream's consumer group is behind.
+#[derive(Debug, Clone)]
+pub struct StreamFigures {
+    /// The stream's name.
+    pub stream: String,
+    /// The consumer group the figures are for (the role's).
+    pub group: &'static str,
+    /// Entries in the stream.
+    pub length: u64,
+    /// Entries the group read and has not acknowledged; `None` while the group does not
+    /// exist (no worker has read this stream yet).
+    pub pending: Option<u64>,
+    /// Entries the group has not read yet, when Redis can tell.
+    pub lag: Option<u64>,
+}
+
+/// The figures of each of a role's streams, for the role's group.
+pub async fn stream_figures<C>(
+    conn: &mut C,
+    bus: &Bus,
+    role: Role,
+) -> redis::RedisResult<Vec<StreamFigures>>
+where
+    C: redis::aio::ConnectionLike + Send + Sync,
+{
+    let mut out = Vec::new();
     for stream in bus.streams(role) {
-        let len: redis::RedisResult<u64> = conn.xlen(&stream).await;
-        if let Ok(len) = len {
-            metrics::gauge!("nostr_stream_length", "stream" => stream.clone()).set(len as f64);
-        }
+        let length: u64 = conn.xlen(&stream).await?;
         let groups: redis::RedisResult<redis::streams::StreamInfoGroupsReply> =
             conn.xinfo_groups(&stream).await;
-        let Ok(groups) = groups else { continue };
-        for g in groups.groups.iter().filter(|g| g.name == role.group()) {
-            let labels = [("stream", stream.clone()), ("group", g.name.clone())];
-            metrics::gauge!("nostr_stream_pending", &labels).set(g.pending as f64);
-            if let Some(lag) = g.lag {
-                metrics::gauge!("nostr_stream_lag", &labels).set(lag as f64);
-            }
+        // A stream no worker ever read has no group yet: XINFO fails with "no such key".
+        let group = groups
+            .ok()
+            .and_then(|g| g.groups.into_iter().find(|g| g.name == role.group()));
+        out.push(StreamFigures {
+            stream,
+            group: role.group(),
+            length,
+            pending: group.as_ref().map(|g| g.pending as u64),
+            lag: group.and_then(|g| g.lag.map(|l| l as u64)),
+        });
+    }
+    Ok(out)
+}
+
+/// Sets the gauges of a role's streams from [`stream_figures`]: `nostr_stream_length`,
+/// `nostr_stream_pending` and `nostr_stream_lag`. A failure only skips an update.
+pub async fn record_stream_gauges(conn: &mut ConnectionManager, bus: &Bus, role: Role) {
+    let Ok(figures) = stream_figures(conn, bus, role).await else {
+        return;
+    };
+    for f in figures {
+        metrics::gauge!("nostr_stream_length", "stream" => f.stream.clone()).set(f.length as f64);
+        let labels = [("stream", f.stream), ("group", f.group.to_owned())];
+        if let Some(pending) = f.pending {
+            metrics::gauge!("nostr_stream_pending", &labels).set(pending as f64);
+        }
+        if let Some(lag) = f.lag {
+            metrics::gauge!("nostr_stream_lag", &labels).set(lag as f64);
         }
     }
 }

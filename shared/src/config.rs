@@ -97,17 +97,22 @@ pub fn relay_host(url: &str) -> String {
         .next()
         .unwrap_or("")
         .to_lowercase();
-    let default_port = match scheme.to_lowercase().as_str() {
-        "wss" | "https" => Some(":443"),
-        "ws" | "http" => Some(":80"),
-        _ => None,
-    };
-    match default_port {
+    match default_port(scheme) {
         Some(port) => host.strip_suffix(port).map_or(host.clone(), str::to_owned),
         None => host
             .strip_suffix(":443")
             .or_else(|| host.strip_suffix(":80"))
             .map_or(host.clone(), str::to_owned),
+    }
+}
+
+/// The port a URL's scheme implies, as written after a host (`:443` for `wss` and `https`,
+/// `:80` for `ws` and `http`); the scheme's case does not matter.
+pub fn default_port(scheme: &str) -> Option<&'static str> {
+    match scheme.to_ascii_lowercase().as_str() {
+        "wss" | "https" => Some(":443"),
+        "ws" | "http" => Some(":80"),
+        _ => None,
     }
 }
 

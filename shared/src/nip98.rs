@@ -149,13 +149,8 @@ pub fn normalize_url(url: &str) -> String {
     let split = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(split);
     let mut authority = authority.to_ascii_lowercase();
-    let default_port = match scheme.as_str() {
-        "http" | "ws" => ":80",
-        "https" | "wss" => ":443",
-        _ => "",
-    };
-    if !default_port.is_empty()
-        && let Some(host) = authority.strip_suffix(default_port)
+    if let Some(port) = crate::config::default_port(&scheme)
+        && let Some(host) = authority.strip_suffix(port)
     {
         authority = host.to_owned();
     }

@@ -2,9 +2,8 @@
 
 use anyhow::Context as _;
 use deadpool_postgres::Pool;
-use redis::AsyncCommands as _;
 use serde_json::json;
-use shared::bus::{Bus, Role};
+use shared::bus::{Bus, Role, StreamFigures, stream_figures};
 use shared::config::BusConfig;
 
 /// `relay-admin stats`.
@@ -16,15 +15,6 @@ pub struct StatsArgs {
     /// One JSON object instead of tables.
     #[arg(long)]
     pub json: bool,
-}
-
-/// One stream and its consumer group.
-struct StreamStats {
-    stream: String,
-    group: &'static str,
-    length: u64,
-    pending: Option<u64>,
-    lag: Option<u64>,
 }
 
 /// `relay-admin stats`. Database figures always; when Redis cannot be reached the stream
@@ -103,7 +93,7 @@ pub async fn run(pool: &Pool, bus: &BusConfig, args: StatsArgs) -> anyhow::Resul
     streams.map(|_| ())
 }
 
-async fn stream_stats(config: &BusConfig) -> anyhow::Result<Vec<StreamStats>> {
+async fn stream_stats(config: &BusConfig) -> anyhow::Result<Vec<StreamFigures>> {
     let client = redis::Client::open(config.redis_url.as_str()).context("bad Redis URL")?;
     let mut conn = tokio::time::timeout(
         std::time::Duration::from_secs(5),
@@ -115,22 +105,7 @@ async fn stream_stats(config: &BusConfig) -> anyhow::Result<Vec<StreamStats>> {
     let bus = Bus::new(config);
     let mut out = Vec::new();
     for role in [Role::Ingest, Role::Query] {
-        for stream in bus.streams(role) {
-            let length: u64 = conn.xlen(&stream).await?;
-            let groups: redis::RedisResult<redis::streams::StreamInfoGroupsReply> =
-                conn.xinfo_groups(&stream).await;
-            // A stream no worker ever read has no group yet: XINFO fails with "no such key".
-            let group = groups
-                .ok()
-                .and_then(|g| g.groups.into_iter().find(|g| g.name == role.group()));
-            out.push(StreamStats {
-                stream,
-                group: role.group(),
-                length,
-                pending: group.as_ref().map(|g| g.pending as u64),
-                lag: group.and_then(|g| g.lag.map(|l| l as u64)),
-            });
-        }
+        out.extend(stream_figures(&mut conn, &bus, role).await?);
     }
     Ok(out)
 }
