@@ -5,6 +5,8 @@
 //! Whether the id and signature are *right* is a separate, more expensive step:
 //! [`Event::verify`], run by the ingest workers.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt::{self, Write as _};
 
 use serde::de::Error as _;
@@ -363,8 +365,7 @@ impl Event {
         if self.compute_id() != self.id {
             return Err(EventError::IdMismatch);
         }
-        let key = secp256k1::XOnlyPublicKey::from_byte_array(*self.pubkey.as_bytes())
-            .map_err(|_| EventError::BadPubKey)?;
+        let key = parsed_key(&self.pubkey)?;
         let sig = secp256k1::schnorr::Signature::from_byte_array(*self.sig.as_bytes());
         secp256k1::schnorr::verify(&sig, self.id.as_bytes(), &key)
             .map_err(|_| EventError::BadSignature)
@@ -485,6 +486,33 @@ pub fn canonical_json(
     push_escaped(&mut out, content);
     out.push(']');
     out
+}
+
+/// Most parsed public keys [`parsed_key`] keeps per thread; when full it starts over.
+const PARSED_KEYS_PER_THREAD: usize = 4096;
+
+thread_local! {
+    static PARSED_KEYS: RefCell<HashMap<PubKey, secp256k1::XOnlyPublicKey>> =
+        RefCell::new(HashMap::new());
+}
+
+/// `pubkey` as a curve point. Parsing an x-only key takes a field square root, about a
+/// tenth of a signature check, and a relay sees the same authors again and again: each
+/// thread keeps the keys it parsed (at most [`PARSED_KEYS_PER_THREAD`]). Keys that are not
+/// on the curve are never kept.
+fn parsed_key(pubkey: &PubKey) -> Result<secp256k1::XOnlyPublicKey, EventError> {
+    PARSED_KEYS.with_borrow_mut(|keys| {
+        if let Some(key) = keys.get(pubkey) {
+            return Ok(*key);
+        }
+        let key = secp256k1::XOnlyPublicKey::from_byte_array(*pubkey.as_bytes())
+            .map_err(|_| EventError::BadPubKey)?;
+        if keys.len() >= PARSED_KEYS_PER_THREAD {
+            keys.clear();
+        }
+        keys.insert(*pubkey, key);
+        Ok(key)
+    })
 }
 
 /// sha256 of the canonical serialization.
@@ -615,6 +643,29 @@ mod tests {
         let mut event = Event::from_json(KNOWN_GOOD).expect("parses");
         event.sig.0[10] ^= 1;
         assert_eq!(event.verify(), Err(EventError::BadSignature));
+    }
+
+    #[test]
+    fn kept_keys_still_check_every_signature_and_bad_keys_are_never_kept() {
+        let mut event = Event::from_json(KNOWN_GOOD).expect("parses");
+        event.verify().expect("valid signature");
+        event.sig.0[10] ^= 1;
+        assert_eq!(event.verify(), Err(EventError::BadSignature));
+
+        // An x coordinate with no point on the curve.
+        let off_curve = (1..=255u8)
+            .map(|x| {
+                let mut bytes = [0u8; 32];
+                bytes[31] = x;
+                bytes
+            })
+            .find(|b| secp256k1::XOnlyPublicKey::from_byte_array(*b).is_err())
+            .expect("an x off the curve");
+        event.pubkey = PubKey(off_curve);
+        event.id = event.compute_id();
+        for _ in 0..2 {
+            assert_eq!(event.verify(), Err(EventError::BadPubKey));
+        }
     }
 
     #[test]
