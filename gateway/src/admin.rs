@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use shared::bus::{self, Role};
 use shared::event::{EventId, Kind, PubKey};
-use shared::moderation::{self, AdminReply, AdminRequest, Change, Moderation};
+use shared::moderation::{AdminReply, AdminRequest, Change, Moderation};
 use shared::nip98;
 use tokio::sync::oneshot;
 
@@ -227,17 +227,14 @@ fn request_url(state: &AppState, headers: &HeaderMap) -> String {
     }
 }
 
-/// The snapshot in Redis, or this gateway's copy when Redis does not answer.
+/// The latest snapshot: this gateway's copy, first brought up to date from Redis (so a list
+/// asked for right after a change shows it); the copy as it is when Redis does not answer.
 async fn snapshot(state: &AppState) -> Arc<Moderation> {
     let mut redis = state.redis.clone();
-    match moderation::load(&mut redis, &state.bus).await {
-        Ok(Some(m)) => Arc::new(m),
-        Ok(None) => state.moderation.get(),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot load the moderation snapshot; answering from memory");
-            state.moderation.get()
-        }
+    if let Err(e) = state.moderation.refresh(&mut redis, &state.bus).await {
+        tracing::warn!(error = %e, "cannot load the moderation snapshot; answering from memory");
     }
+    state.moderation.get()
 }
 
 fn listing(m: &Moderation, list: &Call) -> Value {

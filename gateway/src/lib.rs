@@ -132,6 +132,7 @@ pub async fn run(
     });
     let moderation = tokio::spawn(shared::moderation::follow(
         state.moderation.clone(),
+        state.redis.clone(),
         state.config.bus.redis_url.clone(),
         state.bus.clone(),
     ));

@@ -78,6 +78,7 @@ impl Handler for Ingest {
         ));
         tokio::spawn(moderation::follow(
             self.moderation.clone(),
+            ctx.redis.clone(),
             self.redis_url.clone(),
             ctx.bus.clone(),
         ));

@@ -302,15 +302,12 @@ impl Current {
 /// or the subscription is down.
 pub const POLL: Duration = Duration::from_secs(3);
 
-/// Keeps `current` up to date, forever: loads the snapshot, then reloads it on every
-/// notification and every [`POLL`]. Failures are logged and retried; abort the task to stop
+/// Keeps `current` up to date, forever: loads the snapshot over `conn` (the caller's
+/// connection), then reloads it on every notification (a subscription of its own, to
+/// `redis_url`) and every [`POLL`]. Failures are logged and retried; abort the task to stop
 /// it.
-pub async fn follow(current: Current, redis_url: String, bus: Bus) {
+pub async fn follow(current: Current, mut conn: ConnectionManager, redis_url: String, bus: Bus) {
     let client = match redis::Client::open(redis_url.as_str()) {
-        Ok(c) => c,
-        Err(e) => return tracing::error!(error = %e, "bad Redis URL; moderation not followed"),
-    };
-    let mut conn = match bus::connect_lazy(&redis_url, Duration::from_secs(2)) {
         Ok(c) => c,
         Err(e) => return tracing::error!(error = %e, "bad Redis URL; moderation not followed"),
     };
