@@ -239,7 +239,7 @@ async fn verify_all(decoded: Vec<(GatewayId, ConnId, Box<RawValue>, tracing::Spa
 /// Runs `f` over `items` on the blocking pool, one chunk per core, keeping the order:
 /// each chunk's results, or why its task failed. For signature checks, here and in
 /// `relay-admin import`.
-pub(crate) async fn in_parallel<T, R>(
+pub async fn in_parallel<T, R>(
     items: Vec<T>,
     f: impl Fn(T) -> R + Clone + Send + 'static,
 ) -> Vec<Result<Vec<R>, tokio::task::JoinError>>

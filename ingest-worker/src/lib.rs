@@ -11,9 +11,8 @@
 //! **Invariant:** `OK true` for a stored kind is sent only after the transaction holding the
 //! event committed; ephemeral events are never written.
 
-mod admin;
-pub mod admin_cli;
-mod ingest;
+pub mod admin;
+pub mod ingest;
 pub mod write;
 
 use std::future::Future;

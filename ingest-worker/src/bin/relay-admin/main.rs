@@ -1,10 +1,15 @@
 //! `relay-admin`: the operator's command line (import, export, stats, delete, sync).
-//! The commands live in `ingest_worker::admin_cli`; this is glue: parse, run, exit code.
+//! The commands live in [`cli`]; this is glue: parse, run, exit code. It stores through the
+//! ingest worker's library (`ingest_worker::write`), so imported events are checked and
+//! written exactly as published ones.
 
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use ingest_worker::admin_cli::{self, Cli};
+
+mod cli;
+
+use cli::Cli;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -16,12 +21,12 @@ async fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    match admin_cli::run(cli).await {
+    match cli::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if admin_cli::is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if cli::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("relay-admin: {e:#}");
-            admin_cli::exit_code(&e)
+            cli::exit_code(&e)
         }
     }
 }

@@ -46,8 +46,6 @@ pub enum Order {
 pub struct Stored {
     /// Its id.
     pub id: EventId,
-    /// Its `created_at`.
-    pub created_at: i64,
     /// The JSON it is served as.
     pub json: String,
 }
@@ -108,7 +106,6 @@ async fn read_pages(
                 .ok_or_else(|| anyhow::anyhow!("stored id is not 32 bytes"))?;
             page.push(Stored {
                 id,
-                created_at: row.try_get(1)?,
                 json: row.try_get(2)?,
             });
         }

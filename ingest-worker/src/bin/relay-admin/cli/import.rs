@@ -15,8 +15,8 @@ use shared::config::{PublicUrl, relay_host};
 use shared::event::{Event, EventError, KindClass};
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
 
-use crate::ingest::in_parallel;
-use crate::write::{self, Outcome, Pending};
+use ingest_worker::ingest::in_parallel;
+use ingest_worker::write::{self, Outcome, Pending};
 
 /// Lines parsed, verified and written together (one transaction).
 const BATCH_LINES: usize = 500;
@@ -151,7 +151,7 @@ impl Importer {
                 .get()
                 .await
                 .context("connecting to the database")?;
-            let state = crate::admin::load_state(&client)
+            let state = ingest_worker::admin::load_state(&client)
                 .await
                 .context("reading the moderation state (NIP-86)")?;
             self.moderation = Some(std::sync::Arc::new(state));

@@ -1,7 +1,7 @@
 //! `relay-admin`: the operator's command line, talking to Postgres (and Redis for `stats`)
 //! directly, without going through a gateway.
 //!
-//! - [`import`]: JSON lines in, verified and stored through [`crate::write::store_batch`],
+//! - [`import`]: JSON lines in, verified and stored through [`ingest_worker::write::store_batch`],
 //!   the ingest worker's own write path (keep-newest, NIP-09 tombstones, NIP-62).
 //! - [`export`]: matching events out as JSON lines, read through a server-side cursor.
 //! - [`stats`]: counts by kind, database size, stream lengths and lag.
