@@ -1,7 +1,8 @@
 # Developer entry points for the relay workspace (GNU make).
 # `make test` and `make run` install Redis and Postgres from Debian packages
 # when they are missing (see deploy/local-stack.sh); `make test` also installs
-# nginx (the fault tests' load balancer; its system service is not started).
+# nginx and openssl (the tests' load balancer and TLS terminator; no system service is
+# started).
 
 STACK := deploy/local-stack.sh
 

@@ -12,8 +12,8 @@
 #   deploy/local-stack.sh redis-stop <state-dir>
 #   deploy/local-stack.sh pg-start <state-dir> <pg-port>         just Postgres (fault tests)
 #   deploy/local-stack.sh pg-stop <state-dir>
-#   deploy/local-stack.sh ensure-nginx   install nginx if missing (the fault tests'
-#                                        load balancer), without starting its service
+#   deploy/local-stack.sh ensure-nginx   install nginx and openssl if missing (the tests'
+#                                        load balancer and TLS terminator), starting no service
 #
 # Environment:
 #   FAST=1            non-durable services (fsync off, no Redis persistence); for tests
@@ -134,14 +134,15 @@ have_nginx() {
     command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]]
 }
 
-# Install nginx (the fault tests run their own instance as a load balancer) without
-# letting the package start the system service: a policy-rc.d that refuses every
-# service start is in place during the install (unless one already exists).
+# Install nginx (the tests run their own instances: a load balancer, a TLS terminator) and
+# openssl (the TLS test makes its certificates with it) without letting the package start
+# the system service: a policy-rc.d that refuses every service start is in place during the
+# install (unless one already exists).
 ensure_nginx() {
-    if have_nginx; then
+    if have_nginx && command -v openssl >/dev/null 2>&1; then
         return 0
     fi
-    log "nginx not found; installing it from Debian packages (its service is not started)"
+    log "nginx or openssl not found; installing them from Debian packages (no service is started)"
     command -v apt-get >/dev/null 2>&1 || die "apt-get not found: install nginx yourself"
     local -a as_root=()
     if [[ "$(id -u)" -ne 0 ]]; then
@@ -157,8 +158,8 @@ ensure_nginx() {
     local rc=0
     "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update || rc=$?
     if (( rc == 0 )); then
-        "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx ||
-            "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx-light ||
+        "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx openssl ||
+            "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx-light openssl ||
             rc=$?
     fi
     if (( added )); then
@@ -166,6 +167,7 @@ ensure_nginx() {
     fi
     (( rc == 0 )) || die "installing nginx failed"
     have_nginx || die "nginx still not found after installing it"
+    command -v openssl >/dev/null 2>&1 || die "openssl still not found after installing it"
 }
 
 # ---------------------------------------------------------------------------

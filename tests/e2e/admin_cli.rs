@@ -3,6 +3,7 @@
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
+use relay_tests::faults::{Nginx, local_tls_certificate, random_suffix, target_dir};
 use relay_tests::{Cluster, bin_dir};
 use serde_json::json;
 use shared::event::signing::Keys;
@@ -241,7 +242,7 @@ async fn sync_pulls_and_pushes_between_clusters() {
     let filter = json!({"authors": [keys.pubkey().to_hex()]}).to_string();
     let summary = sync(
         &ours,
-        &theirs,
+        &theirs.url(),
         &filter,
         &["--direction", "pull", "--page", "5", "--no-negentropy"],
     )
@@ -260,7 +261,7 @@ async fn sync_pulls_and_pushes_between_clusters() {
     all.extend(our_events.iter().cloned());
     assert_eq!(sorted_ids(&mine), sorted_ids(&all));
 
-    let summary = sync(&ours, &theirs, &filter, &["--direction", "push"]).await;
+    let summary = sync(&ours, &theirs.url(), &filter, &["--direction", "push"]).await;
     // Whatever the method, the three events only we had arrive there.
     assert_eq!(count(&summary, "push accepted"), 3, "{summary}");
     assert_eq!(count(&summary, "push rejected"), 0, "{summary}");
@@ -276,7 +277,7 @@ async fn sync_pulls_and_pushes_between_clusters() {
     // Negentropy when our relay offers it: nothing is left to pull or push.
     let nips = supported_nips(&theirs).await;
     if nips.contains(&77) {
-        let summary = sync(&ours, &theirs, &filter, &["--direction", "both"]).await;
+        let summary = sync(&ours, &theirs.url(), &filter, &["--direction", "both"]).await;
         assert!(summary.contains("method: negentropy"), "{summary}");
         assert_eq!(count(&summary, "pull accepted"), 0, "{summary}");
         assert_eq!(count(&summary, "push sent"), 0, "{summary}");
@@ -285,14 +286,72 @@ async fn sync_pulls_and_pushes_between_clusters() {
 
 /// Runs `relay-admin sync` from `ours` against `theirs` with `filter` and `extra`
 /// arguments; asserts it succeeded and returns its summary (stdout).
-async fn sync(ours: &Cluster, theirs: &Cluster, filter: &str, extra: &[&str]) -> String {
-    let url = theirs.url();
-    let mut args = vec!["sync", "--relay", url.as_str(), "--filter", filter];
+async fn sync(ours: &Cluster, url: &str, filter: &str, extra: &[&str]) -> String {
+    let mut args = vec!["sync", "--relay", url, "--filter", filter];
     args.extend_from_slice(extra);
     let out = admin(ours, &args, None).await;
     let summary = stdout(&out);
     assert!(out.status.success(), "{}\n{summary}", stderr(&out));
     summary
+}
+
+/// `relay-admin sync` with a relay behind TLS: nginx terminates `wss://` and `https://`
+/// with a certificate a throwaway CA issued. Without `--ca-file` the certificate is refused
+/// (before anything is read or written); with the CA's file the sync runs over `wss://`.
+#[tokio::test]
+async fn sync_over_wss_trusts_only_the_roots_it_is_given() {
+    let ours = Cluster::default_cluster().await;
+    let theirs = Cluster::default_cluster().await;
+    let dir = target_dir().join("test-tls").join(random_suffix());
+    let (ca, cert, key) = local_tls_certificate(&dir).expect("a certificate for 127.0.0.1");
+    let tls = Nginx::start_tls(&[theirs.gateways[0].addr], &cert, &key)
+        .await
+        .expect("nginx terminates TLS");
+    let url = tls.url();
+    assert!(url.starts_with("wss://"), "{url}");
+
+    let keys = Keys::generate();
+    let events: Vec<Event> = (0..5)
+        .map(|i| note(&keys, now() - 100 + i, &format!("over tls {i}")))
+        .collect();
+    import(&theirs, &events).await;
+    let filter = json!({"authors": [keys.pubkey().to_hex()]}).to_string();
+
+    let out = admin(
+        &ours,
+        &[
+            "sync",
+            "--relay",
+            &url,
+            "--filter",
+            &filter,
+            "--timeout",
+            "5",
+        ],
+        None,
+    )
+    .await;
+    eprintln!("[tls] without --ca-file: {}", stderr(&out).trim());
+    assert!(
+        !out.status.success(),
+        "synced with an untrusted certificate"
+    );
+    assert!(
+        stderr(&out).contains("certificate"),
+        "the failure does not name the certificate: {}",
+        stderr(&out)
+    );
+
+    let ca = ca.to_str().expect("a UTF-8 path");
+    let summary = sync(&ours, &url, &filter, &["--ca-file", ca]).await;
+    eprintln!("[tls] with --ca-file:\n{summary}");
+    assert_eq!(count(&summary, "pull accepted"), 5, "{summary}");
+    let mut c = ours.client(0).await;
+    let mine = c
+        .req("after-tls", &[json!({"authors": [keys.pubkey().to_hex()]})])
+        .await;
+    assert_eq!(sorted_ids(&mine), sorted_ids(&events));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The relay's NIP-11 `supported_nips`.

@@ -2,13 +2,17 @@
 //! bounded by the sync's timeout (a [`NoAnswer`] error when it passes).
 //!
 //! TLS is rustls with the Mozilla roots compiled in (`webpki-roots`), so `wss://` and
-//! `https://` work the same on every machine and the build needs no OpenSSL.
+//! `https://` work the same on every machine and the build needs no OpenSSL; `--ca-file`
+//! adds roots (a relay behind a private CA).
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use futures_util::{SinkExt as _, StreamExt as _};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject as _;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -20,16 +24,39 @@ use super::NoAnswer;
 const MAX_INFO_BYTES: usize = 1 << 20;
 
 /// rustls with the webpki roots and the ring provider.
-fn tls_config() -> Arc<rustls::ClientConfig> {
-    let roots = rustls::RootCertStore {
+/// The TLS client settings for the other relay: the Mozilla roots, plus every certificate
+/// in `ca_file` (PEM) when given.
+pub fn tls_config(ca_file: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
+    if let Some(path) = ca_file {
+        let shown = path.display();
+        let pem = std::fs::read(path)
+            .map_err(|e| super::Usage(format!("cannot read --ca-file {shown}: {e}")))?;
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert =
+                cert.map_err(|e| super::Usage(format!("--ca-file {shown} is not PEM: {e}")))?;
+            roots.add(cert).map_err(|e| {
+                super::Usage(format!(
+                    "--ca-file {shown} holds an unusable certificate: {e}"
+                ))
+            })?;
+            added += 1;
+        }
+        if added == 0 {
+            bail!(super::Usage(format!(
+                "--ca-file {shown} holds no certificate"
+            )));
+        }
+    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map(|b| b.with_root_certificates(roots).with_no_client_auth());
     // ok: ring supports the default protocol versions; a failure here is a build defect.
-    Arc::new(config.expect("ring supports TLS 1.2 and 1.3"))
+    Ok(Arc::new(config.expect("ring supports TLS 1.2 and 1.3")))
 }
 
 /// Waits for `fut`, or fails with [`NoAnswer`] naming `what`.
@@ -69,8 +96,13 @@ fn split_url(url: &str) -> anyhow::Result<(bool, String, String)> {
 }
 
 /// The relay's NIP-11 `supported_nips`; empty when it serves no NIP-11 document.
-pub async fn supported_nips(url: &str, timeout: Duration) -> anyhow::Result<Vec<u64>> {
-    let (tls, authority, path) = split_url(url)?;
+pub async fn supported_nips(
+    url: &str,
+    timeout: Duration,
+    tls: &Arc<rustls::ClientConfig>,
+) -> anyhow::Result<Vec<u64>> {
+    let (is_tls, authority, path) = split_url(url)?;
+    let tls = is_tls.then(|| Arc::clone(tls));
     let body = within(
         timeout,
         &format!("NIP-11 document of {url}"),
@@ -89,13 +121,17 @@ pub async fn supported_nips(url: &str, timeout: Duration) -> anyhow::Result<Vec<
 }
 
 /// An HTTP/1.0 GET with `Accept: application/nostr+json` (1.0: the body ends with the
-/// connection, never chunked). `None` unless the status is 200.
-async fn http_get(tls: bool, authority: &str, path: &str) -> anyhow::Result<Option<Vec<u8>>> {
+/// connection, never chunked), over TLS with `tls` when given. `None` unless the status is 200.
+async fn http_get(
+    tls: Option<Arc<rustls::ClientConfig>>,
+    authority: &str,
+    path: &str,
+) -> anyhow::Result<Option<Vec<u8>>> {
     let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
     let addr = if authority.contains(':') {
         authority.to_owned()
     } else {
-        format!("{authority}:{}", if tls { 443 } else { 80 })
+        format!("{authority}:{}", if tls.is_some() { 443 } else { 80 })
     };
     let tcp = TcpStream::connect(&addr)
         .await
@@ -103,12 +139,13 @@ async fn http_get(tls: bool, authority: &str, path: &str) -> anyhow::Result<Opti
     let request = format!(
         "GET {path} HTTP/1.0\r\nHost: {authority}\r\nAccept: application/nostr+json\r\n\r\n"
     );
-    let response = if tls {
+    let response = if let Some(config) = tls {
         let name = rustls::pki_types::ServerName::try_from(host.to_owned())
             .with_context(|| format!("bad host name {host}"))?;
-        let stream = tokio_rustls::TlsConnector::from(tls_config())
+        let stream = tokio_rustls::TlsConnector::from(config)
             .connect(name, tcp)
-            .await?;
+            .await
+            .with_context(|| format!("TLS with {authority} failed"))?;
         exchange(stream, &request).await?
     } else {
         exchange(tcp, &request).await?
@@ -147,8 +184,12 @@ pub struct Remote {
 }
 
 impl Remote {
-    /// Connects (the handshake bounded by `timeout`).
-    pub async fn connect(url: &str, timeout: Duration) -> anyhow::Result<Self> {
+    /// Connects (the handshake bounded by `timeout`; `wss://` with `tls`).
+    pub async fn connect(
+        url: &str,
+        timeout: Duration,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> anyhow::Result<Self> {
         split_url(url)?;
         let (ws, _) = within(
             timeout,
@@ -157,7 +198,7 @@ impl Remote {
                 url,
                 None,
                 false,
-                Some(Connector::Rustls(tls_config())),
+                Some(Connector::Rustls(tls)),
             ),
         )
         .await?

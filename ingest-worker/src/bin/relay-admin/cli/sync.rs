@@ -50,6 +50,10 @@ pub struct SyncArgs {
     /// Use REQ paging even when the other relay advertises NIP-77.
     #[arg(long)]
     pub no_negentropy: bool,
+    /// Certificates (PEM) to trust besides the Mozilla roots, for a wss:// relay whose
+    /// certificate a private CA issued.
+    #[arg(long)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// Which way events go.
@@ -103,8 +107,9 @@ pub async fn run(pool: &Pool, public: &PublicUrl, args: SyncArgs) -> anyhow::Res
     // Sent to the other relay as given (already checked to be a valid filter).
     let filter_json: Value = serde_json::from_str(&args.filter)?;
     let timeout = super::seconds(args.timeout);
-    let nips = remote::supported_nips(&args.relay, timeout).await?;
-    let mut remote = Remote::connect(&args.relay, timeout).await?;
+    let tls = remote::tls_config(args.ca_file.as_deref())?;
+    let nips = remote::supported_nips(&args.relay, timeout, &tls).await?;
+    let mut remote = Remote::connect(&args.relay, timeout, tls).await?;
     let mut importer = Importer::new(pool.clone(), public);
     let mut pushed = PushTally::default();
 
