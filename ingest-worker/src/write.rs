@@ -49,6 +49,16 @@ pub fn is_vanish_request(event: &Event, relay_host: Option<&str>) -> bool {
         })
 }
 
+/// The text an event is found by in NIP-50 searches: its content without NUL, which Postgres
+/// text cannot hold (copied only when there is one).
+fn search_text(event: &Event) -> std::borrow::Cow<'_, str> {
+    if event.content.contains('\0') {
+        event.content.replace('\0', "").into()
+    } else {
+        event.content.as_str().into()
+    }
+}
+
 /// Longest tag value indexed for `#x` queries, in bytes. Postgres btree entries are limited
 /// to about 2.7 kB; longer values are kept in the event but cannot be queried by tag.
 const MAX_INDEXED_TAG_VALUE: usize = 1024;
@@ -262,12 +272,7 @@ impl<'a> Columns<'a> {
             c.kinds.push(i32::from(ev.kind.0));
             c.created.push(ev.created_at);
             c.expires.push(ev.expiration());
-            // Postgres text cannot hold NUL: copy the content only when it has one.
-            c.search.push(if ev.content.contains('\0') {
-                ev.content.replace('\0', "").into()
-            } else {
-                ev.content.as_str().into()
-            });
+            c.search.push(search_text(ev));
             c.json.push(batch[i].json);
             for (name, value) in indexed(ev) {
                 c.tag_ids.push(ev.id.as_bytes().as_slice());
@@ -362,7 +367,7 @@ async fn store_one(tx: &Transaction<'_>, pending: &Pending<'_>) -> Result<Outcom
         return Ok(Outcome::Deleted);
     }
 
-    let content = event.content.replace('\0', "");
+    let content = search_text(event);
     let expires_at = event.expiration();
     let statement = match d_tag {
         None => INSERT_REGULAR,
