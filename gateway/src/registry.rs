@@ -163,6 +163,26 @@ pub struct RegistryLimits {
     pub neg_idle: Duration,
 }
 
+/// Why a negentropy session was not opened: the connection has `limit` open already.
+/// Shown to the client (NIP-01 prefix) in the `NEG-ERR`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManyNegSessions {
+    /// Sessions open on the connection.
+    pub open: usize,
+    /// [`RegistryLimits::max_neg_sessions`].
+    pub limit: usize,
+}
+
+impl std::fmt::Display for TooManyNegSessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "rate-limited: {} negentropy sessions are open; the limit is {}; close one first",
+            self.open, self.limit
+        )
+    }
+}
+
 /// Who may see live events of which kinds.
 pub struct LivePolicy {
     /// Kinds delivered only to an authenticated author or `p`-tagged recipient.
@@ -429,8 +449,7 @@ impl Registry {
     }
 
     /// Opens (or replaces) a negentropy session whose first round, `req`, is about to go to
-    /// the bus. Refused with the number open when `max_neg_sessions` are open and `sub_id`
-    /// is not one.
+    /// the bus. Refused when `max_neg_sessions` are open and `sub_id` is not one.
     pub fn neg_open(
         &self,
         conn: ConnId,
@@ -438,7 +457,7 @@ impl Registry {
         filter: Filter,
         viewer: Viewer,
         req: ReqId,
-    ) -> Result<(), usize> {
+    ) -> Result<(), TooManyNegSessions> {
         let now = Instant::now();
         let deadline = now + self.limits.reply_timeout;
         let mut inner = self.lock();
@@ -446,7 +465,10 @@ impl Registry {
             return Ok(());
         };
         if c.neg.len() >= self.limits.max_neg_sessions && !c.neg.contains_key(&sub_id) {
-            return Err(c.neg.len());
+            return Err(TooManyNegSessions {
+                open: c.neg.len(),
+                limit: self.limits.max_neg_sessions,
+            });
         }
         c.neg.insert(
             sub_id,
@@ -848,7 +870,11 @@ mod tests {
         let open = |req| open_as(&sub, req);
         assert_eq!(open(1), Ok(()));
         let other = SubId::new("m").expect("valid");
-        assert_eq!(open_as(&other, 9), Err(1), "the limit counts");
+        assert_eq!(
+            open_as(&other, 9),
+            Err(TooManyNegSessions { open: 1, limit: 1 }),
+            "the limit counts"
+        );
         assert_eq!(open(2), Ok(()), "replacing is not one more");
         let answer = NegMessage::from_hex("61").expect("hex");
         reg.neg_reply(ConnId(1), ReqId(1), &sub, Ok(answer.clone()));

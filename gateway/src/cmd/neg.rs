@@ -75,14 +75,8 @@ async fn open(session: &mut Session, sub_id: SubId, filter: Filter, message: Neg
         viewer.clone(),
         req,
     );
-    if let Err(open) = opened {
-        let max = state.config.limits.max_neg_sessions;
-        session.send(neg_err_frame(
-            &sub_id,
-            &format!(
-                "rate-limited: {open} negentropy sessions are open; the limit is {max}; close one first"
-            ),
-        ));
+    if let Err(refused) = opened {
+        session.send(neg_err_frame(&sub_id, &refused.to_string()));
         return;
     }
     publish(session, sub_id, req, filter, viewer, message).await;
