@@ -296,11 +296,9 @@ pub async fn load_state(client: &impl GenericClient) -> Result<Moderation, Store
 }
 
 fn pubkey(bytes: &[u8]) -> Option<PubKey> {
-    match PubKey::from_slice(bytes) {
-        Some(pubkey) => Some(pubkey),
-        None => {
-            tracing::warn!("skipping a pubkey that is not 32 bytes");
-            None
-        }
+    let pubkey = PubKey::from_slice(bytes);
+    if pubkey.is_none() {
+        tracing::warn!("skipping a pubkey that is not 32 bytes");
     }
+    pubkey
 }

@@ -75,7 +75,7 @@ fn respond(items: Vec<Item>, query: &[u8]) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use negentropy::{Id, NegentropyStorageVector};
+    use negentropy::Id;
     use shared::event::EventId;
 
     fn id(n: u8) -> EventId {
@@ -84,12 +84,7 @@ mod tests {
 
     #[test]
     fn the_responder_tells_the_initiator_what_differs() {
-        let mut mine = NegentropyStorageVector::new();
-        for (t, n) in [(1, 1), (2, 2)] {
-            mine.insert(t, Id::from_byte_array(*id(n).as_bytes()))
-                .expect("insert");
-        }
-        mine.seal().expect("seal");
+        let mine = nip77::storage([(1, id(1)), (2, id(2))]).expect("storage");
         let mut initiator = Negentropy::owned(mine, 0).expect("initiator");
         let mut message = initiator.initiate().expect("initiate");
         let relay = vec![(2, id(2)), (3, id(3))];
@@ -104,8 +99,8 @@ mod tests {
                 None => break,
             }
         }
-        assert_eq!(have, vec![Id::from_byte_array(*id(1).as_bytes())]);
-        assert_eq!(need, vec![Id::from_byte_array(*id(3).as_bytes())]);
+        assert_eq!(have, vec![Id::from_byte_array([1; 32])]);
+        assert_eq!(need, vec![Id::from_byte_array([3; 32])]);
     }
 
     #[test]

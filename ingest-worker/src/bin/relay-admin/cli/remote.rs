@@ -23,9 +23,8 @@ use super::NoAnswer;
 /// Largest NIP-11 document read.
 const MAX_INFO_BYTES: usize = 1 << 20;
 
-/// rustls with the webpki roots and the ring provider.
-/// The TLS client settings for the other relay: the Mozilla roots, plus every certificate
-/// in `ca_file` (PEM) when given.
+/// The TLS client settings for the other relay (rustls, ring provider): the Mozilla roots,
+/// plus every certificate in `ca_file` (PEM) when given.
 pub fn tls_config(ca_file: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
