@@ -169,6 +169,22 @@ const MIGRATIONS: &[(i32, &str)] = &[
     $fn$;
     "#,
     ),
+    (
+        4,
+        r#"
+    -- The time-ordered indexes end at created_at. The 32-byte id that followed it made each
+    -- key up to twice as long, and it spread the events of one second over random leaf
+    -- pages; without it Postgres deduplicates equal keys (at 10,000 events/s, one second
+    -- holds thousands) and puts ties in id order with an incremental sort, as it already
+    -- does for the tags index. A batch of 40 events is written 20-35% faster (pgbench).
+    -- On a large database this rebuilds four indexes once, holding the table's write lock.
+    DROP INDEX events_created, events_author, events_author_kind, events_kind;
+    CREATE INDEX events_created ON events (created_at DESC);
+    CREATE INDEX events_author ON events (pubkey, created_at DESC);
+    CREATE INDEX events_author_kind ON events (pubkey, kind, created_at DESC);
+    CREATE INDEX events_kind ON events (kind, created_at DESC);
+    "#,
+    ),
 ];
 
 /// The text search configuration used for NIP-50 (no stemming, no stop words: works the

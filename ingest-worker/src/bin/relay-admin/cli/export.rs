@@ -3,7 +3,8 @@
 //! The rows come from a server-side cursor (a portal of the filter's query from
 //! [`shared::sql::events_query`], fetched [`PAGE`] rows at a time) inside one read-only
 //! transaction, so the export is one consistent snapshot and memory holds one page.
-//! `desc` follows the `events_created` index; `asc` makes Postgres sort (on disk when large).
+//! `desc` follows the `events_created` index (ties sorted in memory); `asc` makes Postgres
+//! sort (on disk when large).
 
 use std::path::PathBuf;
 
