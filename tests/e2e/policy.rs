@@ -100,6 +100,25 @@ async fn nip09_deletion_by_e_and_a_tags() {
     let other_a = mallory.sign(t + 30, Kind(5), vec![tag("a", &address)], "");
     assert!(c.publish(&other_a).await.accepted);
     assert_eq!(c.req("f", &[json!({"kinds": [30023]})]).await.len(), 1);
+
+    // A deleted event's tag rows went with it: only v3's `d` tag is left of the three
+    // versions', and no tag row lost its event.
+    let db = cluster.db().await;
+    let row = db
+        .query_one(
+            "SELECT count(*) FILTER (WHERE t.name = 'd'), \
+                    count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.seq = t.event_seq)) \
+             FROM tags t",
+            &[],
+        )
+        .await
+        .expect("query");
+    let (d_tags, orphans): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!(
+        (d_tags, orphans),
+        (1, 0),
+        "tag rows of deleted events are gone"
+    );
 }
 
 #[tokio::test]
