@@ -50,9 +50,11 @@ pub fn is_vanish_request(event: &Event, relay_host: Option<&str>) -> bool {
 }
 
 /// The text an event is found by in NIP-50 searches: its content without NUL, which Postgres
-/// text cannot hold (copied only when there is one).
+/// text cannot hold (copied only when there is one), or none for kinds not searched.
 fn search_text(event: &Event) -> std::borrow::Cow<'_, str> {
-    if event.content.contains('\0') {
+    if !event.kind.is_searchable() {
+        "".into()
+    } else if event.content.contains('\0') {
         event.content.replace('\0', "").into()
     } else {
         event.content.as_str().into()

@@ -215,6 +215,14 @@ impl Kind {
             _ => KindClass::Regular,
         }
     }
+
+    /// Whether NIP-50 search looks at this kind's content, in stored queries and in live
+    /// matching alike. Not for kinds whose content is ciphertext (NIP-04 direct messages,
+    /// NIP-59 seals and gift wraps): their "words" are base64 no query means, and indexing
+    /// them would cost every write and fill the search index with noise.
+    pub fn is_searchable(self) -> bool {
+        !matches!(self.0, 4 | 13 | 1059)
+    }
 }
 
 impl fmt::Display for Kind {

@@ -138,7 +138,7 @@ impl Filter {
             return false;
         }
         if let Some(search) = &self.search
-            && !search_matches(search, &event.content)
+            && !(event.kind.is_searchable() && search_matches(search, &event.content))
         {
             return false;
         }
@@ -375,6 +375,10 @@ mod tests {
                 "{v}"
             );
         }
+        // Ciphertext is not searched, even when a query happens to be in it.
+        let dm = keys.sign(100, Kind(4), vec![], "hi?iv=abc");
+        assert!(!parse(json!({"search":"hi"})).expect("valid").matches(&dm));
+        assert!(parse(json!({"kinds":[4]})).expect("valid").matches(&dm));
     }
 
     #[test]

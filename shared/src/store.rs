@@ -207,6 +207,14 @@ const MIGRATIONS: &[(i32, &str)] = &[
         FOR EACH STATEMENT EXECUTE FUNCTION delete_tags_of_deleted_events();
     "#,
     ),
+    (
+        6,
+        r#"
+    -- NIP-50 no longer searches kinds whose content is ciphertext (Kind::is_searchable in
+    -- shared/src/event.rs: 4, 13 and 1059); events stored before forget their search text.
+    UPDATE events SET search = NULL WHERE kind IN (4, 13, 1059) AND search IS NOT NULL;
+    "#,
+    ),
 ];
 
 /// The text search configuration used for NIP-50 (no stemming, no stop words: works the
