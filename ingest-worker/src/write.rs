@@ -49,18 +49,6 @@ pub fn is_vanish_request(event: &Event, relay_host: Option<&str>) -> bool {
         })
 }
 
-/// The text an event is found by in NIP-50 searches: its content without NUL, which Postgres
-/// text cannot hold (copied only when there is one), or none for kinds not searched.
-fn search_text(event: &Event) -> std::borrow::Cow<'_, str> {
-    if !event.kind.is_searchable() {
-        "".into()
-    } else if event.content.contains('\0') {
-        event.content.replace('\0', "").into()
-    } else {
-        event.content.as_str().into()
-    }
-}
-
 /// Longest tag value indexed for `#x` queries, in bytes. Postgres btree entries are limited
 /// to about 2.7 kB; longer values are kept in the event but cannot be queried by tag.
 const MAX_INDEXED_TAG_VALUE: usize = 1024;
@@ -274,7 +262,7 @@ impl<'a> Columns<'a> {
             c.kinds.push(i32::from(ev.kind.0));
             c.created.push(ev.created_at);
             c.expires.push(ev.expiration());
-            c.search.push(search_text(ev));
+            c.search.push(shared::search::stored_text(ev));
             c.json.push(batch[i].json);
             for (name, value) in indexed(ev) {
                 c.tag_ids.push(ev.id.as_bytes().as_slice());
@@ -369,7 +357,7 @@ async fn store_one(tx: &Transaction<'_>, pending: &Pending<'_>) -> Result<Outcom
         return Ok(Outcome::Deleted);
     }
 
-    let content = search_text(event);
+    let search = shared::search::stored_text(event);
     let expires_at = event.expiration();
     let statement = match d_tag {
         None => INSERT_REGULAR,
@@ -384,7 +372,7 @@ async fn store_one(tx: &Transaction<'_>, pending: &Pending<'_>) -> Result<Outcom
                 &kind,
                 &event.created_at,
                 &expires_at,
-                &content,
+                &search,
                 &pending.json,
                 &d_tag,
             ],
@@ -516,5 +504,14 @@ mod tests {
         assert!(parse_address(&format!("1:{pk}:")).is_none());
         assert!(parse_address("30023:nothex:x").is_none());
         assert!(parse_address("x:y:z").is_none());
+    }
+
+    /// The statements written here index with the configuration queries search with.
+    #[test]
+    fn search_vectors_use_the_search_configuration() {
+        let wanted = format!("to_tsvector('{}', ", shared::search::SEARCH_CONFIG);
+        for statement in [INSERT_REGULAR, UPSERT_REPLACEABLE] {
+            assert!(statement.contains(&wanted), "{statement}");
+        }
     }
 }

@@ -11,6 +11,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
 use crate::event::{Event, EventId, Kind, PubKey};
+use crate::search::Search;
 
 /// Why a filter was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -60,7 +61,7 @@ pub struct Filter {
     /// How many stored events the initial query should return at most.
     pub limit: Option<u64>,
     /// NIP-50 full-text search over `content`.
-    pub search: Option<String>,
+    pub search: Option<Search>,
 }
 
 impl Filter {
@@ -80,12 +81,12 @@ impl Filter {
                 "since" => filter.since = Some(timestamp(key, value)?),
                 "until" => filter.until = Some(timestamp(key, value)?),
                 "search" => {
-                    filter.search = Some(
+                    filter.search = Some(Search::new(
                         value
                             .as_str()
                             .ok_or_else(|| bad(key, "must be a string"))?
                             .to_owned(),
-                    )
+                    ))
                 }
                 "limit" => {
                     filter.limit = Some(
@@ -138,7 +139,7 @@ impl Filter {
             return false;
         }
         if let Some(search) = &self.search
-            && !(event.kind.is_searchable() && search_matches(search, &event.content))
+            && !search.matches(event)
         {
             return false;
         }
@@ -158,26 +159,6 @@ impl Filter {
             || self.tags.values().any(Vec::is_empty)
             || matches!((self.since, self.until), (Some(s), Some(u)) if s > u)
     }
-}
-
-/// The words of a NIP-50 query, lowercased, without `key:value` extensions (which this relay
-/// does not support and ignores).
-pub fn search_terms(query: &str) -> Vec<String> {
-    query
-        .split_whitespace()
-        .filter(|w| !w.contains(':'))
-        .map(|w| w.replace('\0', "").to_lowercase())
-        .filter(|w| !w.is_empty())
-        .collect()
-}
-
-/// In-memory NIP-50 matching for live events: every term occurs in the content, ignoring
-/// case. (Stored events are ranked by Postgres full-text search instead.)
-fn search_matches(query: &str, content: &str) -> bool {
-    let content = content.to_lowercase();
-    search_terms(query)
-        .iter()
-        .all(|t| content.contains(t.as_str()))
 }
 
 fn bad(key: &str, reason: &'static str) -> FilterError {
@@ -270,7 +251,7 @@ impl Serialize for Filter {
             map.serialize_entry("limit", &limit)?;
         }
         if let Some(search) = &self.search {
-            map.serialize_entry("search", search)?;
+            map.serialize_entry("search", search.query())?;
         }
         map.end()
     }

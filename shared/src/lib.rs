@@ -10,6 +10,8 @@
 //! - [`telemetry`]: logging setup.
 //! - [`shutdown`]: the SIGINT/SIGTERM future.
 //! - [`nip98`]: NIP-98 HTTP authorization (the management API's `Authorization` header).
+//! - [`search`]: NIP-50 search: a query's words, live matching, the text events are
+//!   indexed by.
 //! - [`moderation`]: the NIP-86 moderation state, its Redis snapshot and the admin envelopes.
 //! - `store` (feature `worker`): the Postgres schema, migrations and pool.
 //! - `sql` (feature `worker`): filters as parameterized SQL (query workers and tools).
@@ -33,6 +35,7 @@ pub mod moderation;
 #[cfg(feature = "worker")]
 pub mod nip77;
 pub mod nip98;
+pub mod search;
 pub mod shutdown;
 #[cfg(feature = "worker")]
 pub mod sql;

@@ -4,8 +4,8 @@
 //! read-restricted kinds unless the viewer is their author or a `p`-tagged recipient.
 
 use crate::bus::Viewer;
-use crate::filter::{Filter, search_terms};
-use crate::store::SEARCH_CONFIG;
+use crate::filter::Filter;
+use crate::search::SEARCH_CONFIG;
 use tokio_postgres::types::ToSql;
 
 /// A parameterized query.
@@ -57,8 +57,7 @@ impl Query {
 
 /// The full-text query of a filter, without unsupported `key:value` extensions.
 fn search_text(filter: &Filter) -> Option<String> {
-    let terms = search_terms(filter.search.as_deref()?);
-    (!terms.is_empty()).then(|| terms.join(" "))
+    filter.search.as_ref()?.words()
 }
 
 /// Tag values that can match something stored: Postgres text cannot hold NUL and values

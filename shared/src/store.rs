@@ -4,9 +4,10 @@
 //! events  seq (identity)  id bytea unique  pubkey bytea  kind int  created_at bigint
 //!         d_tag text (NULL for kinds that are not replaced; '' for replaceable kinds;
 //!                     the d tag value for addressable kinds)
-//!         expires_at bigint (NIP-40)  search tsvector (NIP-50, of content)
+//!         expires_at bigint (NIP-40)  search tsvector (NIP-50, of `search::stored_text`)
 //!         json text (the event exactly as served)
-//! tags    event_seq → events.seq (cascade)  name text  value text  kind  created_at
+//! tags    event_seq → events.seq  name text  value text  kind  created_at
+//!         (deleted with their event by a trigger, version 5)
 //! deleted_events (id, pubkey)   deleted_addresses (pubkey, kind, d_tag, until)
 //! vanished (pubkey, until, request)
 //! banned_pubkeys, allowed_pubkeys, banned_events, allowed_kinds, blocked_ips, relay_info,
@@ -216,10 +217,6 @@ const MIGRATIONS: &[(i32, &str)] = &[
     "#,
     ),
 ];
-
-/// The text search configuration used for NIP-50 (no stemming, no stop words: works the
-/// same for every language).
-pub const SEARCH_CONFIG: &str = "simple";
 
 /// A key for `pg_advisory_xact_lock` that serializes migrations across workers.
 const MIGRATION_LOCK: i64 = 0x6e6f_7374_7201;

@@ -1671,7 +1671,7 @@ async fn copy_corpus(
     tx.batch_execute(
         "LOCK TABLE events IN EXCLUSIVE MODE;
          CREATE TEMP TABLE bench_seed (seq bigint, id bytea, pubkey bytea, kind integer,
-             created_at bigint, d_tag text, content text, json text) ON COMMIT DROP",
+             created_at bigint, d_tag text, search text, json text) ON COMMIT DROP",
     )
     .await?;
     let base: i64 = tx
@@ -1711,7 +1711,7 @@ async fn copy_corpus(
         let pubkey: &[u8] = e.pubkey.as_bytes();
         let kind = i32::from(e.kind.0);
         let d_tag = e.replace_key();
-        let content = e.content.replace('\0', "");
+        let search = shared::search::stored_text(e);
         writer
             .as_mut()
             .write(&[
@@ -1721,7 +1721,7 @@ async fn copy_corpus(
                 &kind,
                 &e.created_at,
                 &d_tag,
-                &content,
+                &search,
                 &s.json,
             ])
             .await?;
@@ -1730,10 +1730,13 @@ async fn copy_corpus(
     let (search_col, search_val) = if has_search {
         (
             ", search",
-            ", CASE WHEN content = '' THEN NULL ELSE to_tsvector('simple', content) END",
+            format!(
+                ", CASE WHEN search = '' THEN NULL ELSE to_tsvector('{}', search) END",
+                shared::search::SEARCH_CONFIG
+            ),
         )
     } else {
-        ("", "")
+        ("", String::new())
     };
     let event_rows = tx
         .execute(

@@ -1,0 +1,113 @@
+//! NIP-50 search: the words of a query, which events are searched and by what text, and
+//! the text-search configuration Postgres indexes and queries with.
+//!
+//! Stored events are found by Postgres full-text search (the ingest worker stores
+//! [`stored_text`] as a `tsvector`, the query workers rank by it); live events are matched
+//! in memory by [`Search::matches`]. Both follow the same rule for which kinds are searched
+//! ([`Kind::is_searchable`]).
+//!
+//! [`Kind::is_searchable`]: crate::event::Kind::is_searchable
+
+use std::borrow::Cow;
+
+use crate::event::Event;
+
+/// The text search configuration used for NIP-50 (no stemming, no stop words: works the
+/// same for every language).
+pub const SEARCH_CONFIG: &str = "simple";
+
+/// A filter's `search` field: the query as the client sent it, and its words, split once
+/// when the filter is parsed rather than for every live event it is matched against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Search {
+    query: String,
+    /// Lowercased, without `key:value` extensions (which this relay does not support and
+    /// ignores) and without NUL.
+    terms: Vec<String>,
+}
+
+impl Search {
+    /// A search for `query`.
+    pub fn new(query: String) -> Self {
+        let terms = query
+            .split_whitespace()
+            .filter(|w| !w.contains(':'))
+            .map(|w| w.replace('\0', "").to_lowercase())
+            .filter(|w| !w.is_empty())
+            .collect();
+        Search { query, terms }
+    }
+
+    /// The query as the client sent it.
+    pub fn query(&self) -> &str {
+        &self.query
+    }
+
+    /// The words to search for, as one text for Postgres's `websearch_to_tsquery`; `None`
+    /// when the query has no words (only extensions), which searches for nothing in
+    /// particular.
+    pub fn words(&self) -> Option<String> {
+        (!self.terms.is_empty()).then(|| self.terms.join(" "))
+    }
+
+    /// In-memory matching for live events: a searched kind whose content holds every word,
+    /// ignoring case. A query without words matches every event, as in stored queries.
+    pub fn matches(&self, event: &Event) -> bool {
+        if self.terms.is_empty() {
+            return true;
+        }
+        if !event.kind.is_searchable() {
+            return false;
+        }
+        let content = event.content.to_lowercase();
+        self.terms.iter().all(|t| content.contains(t.as_str()))
+    }
+}
+
+/// The text an event is indexed by: its content without NUL, which Postgres text cannot
+/// hold (copied only when there is one), or `""` (nothing indexed) for kinds not searched.
+pub fn stored_text(event: &Event) -> Cow<'_, str> {
+    if !event.kind.is_searchable() {
+        "".into()
+    } else if event.content.contains('\0') {
+        event.content.replace('\0', "").into()
+    } else {
+        event.content.as_str().into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Kind;
+    use crate::event::signing::Keys;
+
+    fn note(kind: u16, content: &str) -> Event {
+        Keys::generate().sign(1, Kind(kind), vec![], content.to_owned())
+    }
+
+    #[test]
+    fn words_are_lowercased_without_extensions_or_nul() {
+        let s = Search::new("Best  NOSTR lang:en a\0b".into());
+        assert_eq!(s.query(), "Best  NOSTR lang:en a\0b");
+        assert_eq!(s.words().as_deref(), Some("best nostr ab"));
+        assert_eq!(Search::new("lang:en".into()).words(), None);
+    }
+
+    #[test]
+    fn live_matching_needs_every_word_in_a_searched_kind() {
+        let s = Search::new("Hello WORLD".into());
+        assert!(s.matches(&note(1, "hello there, big world")));
+        assert!(!s.matches(&note(1, "hello there")));
+        // Ciphertext kinds are not searched, even when the words happen to be in them.
+        assert!(!s.matches(&note(4, "hello world")));
+        assert!(Search::new("lang:en".into()).matches(&note(4, "x")));
+    }
+
+    #[test]
+    fn stored_text_leaves_out_nul_and_unsearched_kinds() {
+        assert_eq!(stored_text(&note(1, "a\0b")), "ab");
+        assert!(matches!(stored_text(&note(1, "ab")), Cow::Borrowed("ab")));
+        assert_eq!(stored_text(&note(1059, "ciphertext")), "");
+    }
+}
