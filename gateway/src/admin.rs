@@ -187,14 +187,19 @@ pub async fn rpc(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
         );
         response
     };
-    let pubkey = match nip98::verify_header(authorization, &request, shared::unix_now()) {
+    let pubkey = match nip98::verify_header(
+        authorization,
+        &request,
+        shared::unix_now(),
+        state.config.admin.admin_auth_window_secs,
+    ) {
         Ok(pk) => pk,
         Err(e) => return unauthorized(&e.to_string()),
     };
     if !state.admin.admins.contains(&pubkey) {
         return unauthorized("this pubkey may not manage this relay");
     }
-    let call = match parse(&body) {
+    let call = match parse(&body, state.config.admin.admin_max_text) {
         Ok(call) => call,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
@@ -323,7 +328,8 @@ fn error(status: StatusCode, message: &str) -> Response {
         .into_response()
 }
 
-fn parse(body: &[u8]) -> Result<Call, String> {
+/// A management request's body, with text parameters of at most `max_text` characters.
+fn parse(body: &[u8], max_text: usize) -> Result<Call, String> {
     let request: Value =
         serde_json::from_slice(body).map_err(|e| format!("invalid: the body is not JSON: {e}"))?;
     let method = request
@@ -340,29 +346,39 @@ fn parse(body: &[u8]) -> Result<Call, String> {
         let shown: String = method.chars().take(64).collect();
         return Err(format!("unsupported method {shown:?}"));
     };
-    read(&Params(params))
+    read(&Params {
+        values: params,
+        max_text,
+    })
 }
 
 /// A method's positional parameters.
-struct Params<'a>(&'a [Value]);
-
-/// Longest reason, name, description or icon URL accepted, in characters.
-const MAX_TEXT: usize = 4096;
+struct Params<'a> {
+    values: &'a [Value],
+    /// Longest text accepted, in characters (`RELAY_ADMIN_MAX_TEXT`).
+    max_text: usize,
+}
 
 impl Params<'_> {
     fn string(&self, at: usize, what: &str) -> Result<&str, String> {
-        let s = self
-            .0
+        self.values
             .get(at)
             .and_then(Value::as_str)
-            .ok_or_else(|| format!("invalid: parameter {} must be {what}", at + 1))?;
-        if s.chars().count() > MAX_TEXT {
+            .ok_or_else(|| format!("invalid: parameter {} must be {what}", at + 1))
+    }
+
+    /// A free-text parameter, at most `max_text` characters (keys, ids and addresses are
+    /// bounded by their own syntax).
+    fn bounded_text(&self, at: usize) -> Result<String, String> {
+        let s = self.string(at, "a string")?;
+        if s.chars().count() > self.max_text {
             return Err(format!(
-                "invalid: parameter {} is longer than {MAX_TEXT} characters",
-                at + 1
+                "invalid: parameter {} is longer than {} characters",
+                at + 1,
+                self.max_text
             ));
         }
-        Ok(s)
+        Ok(s.to_owned())
     }
 
     fn pubkey(&self) -> Result<PubKey, String> {
@@ -377,7 +393,7 @@ impl Params<'_> {
     }
 
     fn kind(&self) -> Result<Kind, String> {
-        self.0
+        self.values
             .first()
             .and_then(Value::as_u64)
             .and_then(|k| u16::try_from(k).ok())
@@ -393,14 +409,14 @@ impl Params<'_> {
     }
 
     fn text(&self) -> Result<String, String> {
-        self.string(0, "a string").map(str::to_owned)
+        self.bounded_text(0)
     }
 
     /// The optional reason, parameter 2.
     fn reason(&self) -> Result<String, String> {
-        match self.0.get(1) {
+        match self.values.get(1) {
             None | Some(Value::Null) => Ok(String::new()),
-            Some(_) => self.string(1, "a string").map(str::to_owned),
+            Some(_) => self.bounded_text(1),
         }
     }
 }
@@ -427,6 +443,7 @@ mod tests {
 
     #[test]
     fn methods_and_params_parse() {
+        let parse = |body: &[u8]| super::parse(body, 4096);
         let pk = "a".repeat(64);
         assert_eq!(
             parse(br#"{"method":"supportedmethods","params":[]}"#),
@@ -459,5 +476,18 @@ mod tests {
                 "{method} is known"
             );
         }
+    }
+
+    #[test]
+    fn text_parameters_are_bounded_by_the_setting() {
+        let pk = "a".repeat(64);
+        let ban =
+            |reason: &str| format!(r#"{{"method":"banpubkey","params":["{pk}","{reason}"]}}"#);
+        assert!(parse(ban("ten chars!").as_bytes(), 10).is_ok());
+        let refused = parse(ban("eleven char").as_bytes(), 10);
+        assert_eq!(
+            refused,
+            Err("invalid: parameter 2 is longer than 10 characters".into())
+        );
     }
 }

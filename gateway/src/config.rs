@@ -206,6 +206,14 @@ pub struct AdminApi {
     /// everyone (401 without valid authorization, 403 with it).
     #[arg(long, env = "RELAY_ADMIN_PUBKEYS", default_value = "")]
     pub admin_pubkeys: String,
+    /// NIP-98: how far, in seconds, a management request's authorization event may be
+    /// dated from the gateway's clock (either way).
+    #[arg(long, env = "RELAY_ADMIN_AUTH_WINDOW_SECS", default_value_t = shared::nip98::SUGGESTED_MAX_SKEW_SECS)]
+    pub admin_auth_window_secs: u64,
+    /// Longest text parameter (a reason, the relay's name, description or icon URL) a
+    /// management request may carry, in characters.
+    #[arg(long, env = "RELAY_ADMIN_MAX_TEXT", default_value_t = 4096)]
+    pub admin_max_text: usize,
 }
 
 impl AdminApi {

@@ -15,9 +15,9 @@ use crate::event::{Event, Kind, PubKey};
 /// The NIP-98 event kind.
 pub const HTTP_AUTH_KIND: Kind = Kind(27235);
 
-/// How far an authorization event's `created_at` may be from now, in seconds (NIP-98's
-/// suggestion).
-pub const MAX_SKEW_SECS: i64 = 60;
+/// How far an authorization event's `created_at` may be from now, in seconds: NIP-98's
+/// suggestion, and the default of the gateway's setting.
+pub const SUGGESTED_MAX_SKEW_SECS: u64 = 60;
 
 /// Why an `Authorization` header was refused. Every one means HTTP 401.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,8 +33,11 @@ pub enum AuthError {
     #[error("the authorization event must be kind 27235")]
     Kind,
     /// `created_at` is too far from now.
-    #[error("the authorization event is older or newer than {MAX_SKEW_SECS} seconds")]
-    Stale,
+    #[error("the authorization event is older or newer than {max_skew_secs} seconds")]
+    Stale {
+        /// The window it is outside of.
+        max_skew_secs: u64,
+    },
     /// The `u` tag is not this request's URL.
     #[error("the authorization event's u tag is not this request's URL")]
     Url,
@@ -60,15 +63,17 @@ pub struct Request<'a> {
     pub body: &'a [u8],
 }
 
-/// Checks an `Authorization` header value against `request` at time `now` (unix seconds)
-/// and returns the signer. The `payload` tag is required (NIP-86), even for an empty body.
+/// Checks an `Authorization` header value against `request` at time `now` (unix seconds),
+/// accepting a `created_at` at most `max_skew_secs` from it, and returns the signer. The
+/// `payload` tag is required (NIP-86), even for an empty body.
 pub fn verify_header(
     header: Option<&str>,
     request: &Request<'_>,
     now: i64,
+    max_skew_secs: u64,
 ) -> Result<PubKey, AuthError> {
     let event = parse_header(header.ok_or(AuthError::Missing)?)?;
-    verify_event(&event, request, now)?;
+    verify_event(&event, request, now, max_skew_secs)?;
     Ok(event.pubkey)
 }
 
@@ -87,12 +92,17 @@ pub fn parse_header(header: &str) -> Result<Event, AuthError> {
 }
 
 /// NIP-98's checks, in its order, then the payload hash and the signature.
-pub fn verify_event(event: &Event, request: &Request<'_>, now: i64) -> Result<(), AuthError> {
+pub fn verify_event(
+    event: &Event,
+    request: &Request<'_>,
+    now: i64,
+    max_skew_secs: u64,
+) -> Result<(), AuthError> {
     if event.kind != HTTP_AUTH_KIND {
         return Err(AuthError::Kind);
     }
-    if (event.created_at - now).abs() > MAX_SKEW_SECS {
-        return Err(AuthError::Stale);
+    if event.created_at.abs_diff(now) > max_skew_secs {
+        return Err(AuthError::Stale { max_skew_secs });
     }
     let expected_url = normalize_url(request.url);
     let url_ok = single_tag(event, "u").is_some_and(|u| normalize_url(u) == expected_url);
@@ -188,6 +198,7 @@ mod tests {
     const URL: &str = "http://127.0.0.1:7777/";
     const BODY: &[u8] = br#"{"method":"supportedmethods","params":[]}"#;
     const NOW: i64 = 1_700_000_000;
+    const WINDOW: u64 = SUGGESTED_MAX_SKEW_SECS;
 
     fn request() -> Request<'static> {
         Request {
@@ -215,7 +226,12 @@ mod tests {
         let keys = Keys::generate();
         let header = authorization(&keys, URL, "POST", BODY, NOW);
         assert_eq!(
-            verify_header(Some(&header), &request(), NOW + 30),
+            verify_header(Some(&header), &request(), NOW + 30, WINDOW),
+            Ok(keys.pubkey())
+        ); // The window is the caller's: 90 s late is stale in 60 s and fine in 120 s.
+        assert!(verify_header(Some(&header), &request(), NOW + 90, WINDOW).is_err());
+        assert_eq!(
+            verify_header(Some(&header), &request(), NOW + 90, 120),
             Ok(keys.pubkey())
         );
     }
@@ -223,9 +239,9 @@ mod tests {
     #[test]
     fn every_check_refuses() {
         let keys = Keys::generate();
-        let check = |header: &str| verify_header(Some(header), &request(), NOW);
+        let check = |header: &str| verify_header(Some(header), &request(), NOW, WINDOW);
         assert_eq!(
-            verify_header(None, &request(), NOW),
+            verify_header(None, &request(), NOW, WINDOW),
             Err(AuthError::Missing)
         );
         assert_eq!(check("Bearer abc"), Err(AuthError::Missing));
@@ -237,11 +253,15 @@ mod tests {
         );
         assert_eq!(
             check(&signed(&keys, ok.clone(), HTTP_AUTH_KIND, NOW - 61)),
-            Err(AuthError::Stale)
+            Err(AuthError::Stale {
+                max_skew_secs: WINDOW
+            })
         );
         assert_eq!(
             check(&signed(&keys, ok.clone(), HTTP_AUTH_KIND, NOW + 61)),
-            Err(AuthError::Stale)
+            Err(AuthError::Stale {
+                max_skew_secs: WINDOW
+            })
         );
         assert_eq!(
             check(&signed(
@@ -284,7 +304,7 @@ mod tests {
         let mut event = keys.sign(NOW, HTTP_AUTH_KIND, tags(URL, "POST", BODY), "");
         event.content = "changed".into();
         assert_eq!(
-            verify_event(&event, &request(), NOW),
+            verify_event(&event, &request(), NOW, WINDOW),
             Err(AuthError::Signature)
         );
     }
