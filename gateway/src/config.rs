@@ -207,11 +207,11 @@ pub struct AdminApi {
     #[arg(long, env = "RELAY_ADMIN_PUBKEYS", default_value = "")]
     pub admin_pubkeys: String,
     /// NIP-98: how far, in seconds, a management request's authorization event may be
-    /// dated from the gateway's clock (either way).
+    /// dated from the gateway's clock (either way); further gets 401.
     #[arg(long, env = "RELAY_ADMIN_AUTH_WINDOW_SECS", default_value_t = shared::nip98::SUGGESTED_MAX_SKEW_SECS)]
     pub admin_auth_window_secs: u64,
     /// Longest text parameter (a reason, the relay's name, description or icon URL) a
-    /// management request may carry, in characters.
+    /// management request may carry, in characters; longer gets an `invalid:` error.
     #[arg(long, env = "RELAY_ADMIN_MAX_TEXT", default_value_t = 4096)]
     pub admin_max_text: usize,
 }
@@ -237,6 +237,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         self.auth.restricted()?;
         self.admin.admins()?;
+        if self.admin.admin_auth_window_secs == 0 {
+            return Err("RELAY_ADMIN_AUTH_WINDOW_SECS must be at least 1".into());
+        }
+        if self.admin.admin_max_text == 0 {
+            return Err("RELAY_ADMIN_MAX_TEXT must be at least 1".into());
+        }
         if self.limits.max_subid_length == 0 {
             return Err("RELAY_MAX_SUBID_LENGTH must be at least 1".into());
         }

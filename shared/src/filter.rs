@@ -138,16 +138,17 @@ impl Filter {
         if self.until.is_some_and(|until| event.created_at > until) {
             return false;
         }
-        if let Some(search) = &self.search
-            && !search.matches(event)
-        {
-            return false;
-        }
-        self.tags.iter().all(|(letter, wanted)| {
+        let tags_match = self.tags.iter().all(|(letter, wanted)| {
             event
                 .indexed_tags()
                 .any(|(l, v)| l == *letter && wanted.iter().any(|w| w == v))
-        })
+        });
+        // Last: it lowercases the content.
+        tags_match
+            && self
+                .search
+                .as_ref()
+                .is_none_or(|search| search.matches(event))
     }
 
     /// Whether this filter can match nothing at all (an empty list in some condition, or

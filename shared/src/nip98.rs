@@ -2,8 +2,9 @@
 //! `Authorization: Nostr <base64>` header, naming the request's URL, method and (as NIP-86
 //! requires) the sha256 of its body.
 //!
-//! Pure functions: the caller says what the request was ([`Request`]) and what time it is;
-//! nothing here reads a clock, a socket or the configuration. The relay's management API
+//! Pure functions: the caller says what the request was ([`Request`]), what time it is and
+//! how far from it an authorization may be dated; nothing here reads a clock, a socket or
+//! the configuration. The relay's management API
 //! (NIP-86) uses it; [`authorization`] builds a header for clients and tests.
 
 use base64::Engine as _;

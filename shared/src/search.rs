@@ -3,8 +3,13 @@
 //!
 //! Stored events are found by Postgres full-text search (the ingest worker stores
 //! [`stored_text`] as a `tsvector`, the query workers rank by it); live events are matched
-//! in memory by [`Search::matches`]. Both follow the same rule for which kinds are searched
-//! ([`Kind::is_searchable`]).
+//! in memory by [`Search::matches`]. Both look only at events with a [`stored_text`], so
+//! they agree on which events a search can find: never the ciphertext kinds
+//! ([`Kind::is_searchable`]), not even for a query of extensions only.
+//!
+//! They differ in how a word matches: Postgres compares whole tokens and reads
+//! `websearch_to_tsquery` syntax (`or`, `-word`, quotes), while live matching looks for each
+//! word as a substring, so a live `relay` also matches "relays".
 //!
 //! [`Kind::is_searchable`]: crate::event::Kind::is_searchable
 
@@ -13,7 +18,8 @@ use std::borrow::Cow;
 use crate::event::Event;
 
 /// The text search configuration used for NIP-50 (no stemming, no stop words: works the
-/// same for every language).
+/// same for every language). The stored vectors were built with it, and so was the schema's
+/// `store_regular_events` (migration 3): changing it takes a migration that rebuilds both.
 pub const SEARCH_CONFIG: &str = "simple";
 
 /// A filter's `search` field: the query as the client sent it, and its words, split once
@@ -50,17 +56,18 @@ impl Search {
         (!self.terms.is_empty()).then(|| self.terms.join(" "))
     }
 
-    /// In-memory matching for live events: a searched kind whose content holds every word,
-    /// ignoring case. A query without words matches every event, as in stored queries.
+    /// In-memory matching for live events: an event with a [`stored_text`] (as stored
+    /// queries only see those) that holds every word, ignoring case.
     pub fn matches(&self, event: &Event) -> bool {
+        let text = stored_text(event);
+        if text.is_empty() {
+            return false;
+        }
         if self.terms.is_empty() {
             return true;
         }
-        if !event.kind.is_searchable() {
-            return false;
-        }
-        let content = event.content.to_lowercase();
-        self.terms.iter().all(|t| content.contains(t.as_str()))
+        let text = text.to_lowercase();
+        self.terms.iter().all(|t| text.contains(t.as_str()))
     }
 }
 
@@ -101,7 +108,12 @@ mod tests {
         assert!(!s.matches(&note(1, "hello there")));
         // Ciphertext kinds are not searched, even when the words happen to be in them.
         assert!(!s.matches(&note(4, "hello world")));
-        assert!(Search::new("lang:en".into()).matches(&note(4, "x")));
+        // A query of extensions only finds what has search text: not ciphertext, nor an
+        // empty content (stored queries cannot find those either).
+        let extensions = Search::new("lang:en".into());
+        assert!(extensions.matches(&note(1, "x")));
+        assert!(!extensions.matches(&note(4, "x")));
+        assert!(!extensions.matches(&note(1, "")));
     }
 
     #[test]

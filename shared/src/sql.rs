@@ -5,7 +5,7 @@
 
 use crate::bus::Viewer;
 use crate::filter::Filter;
-use crate::search::SEARCH_CONFIG;
+use crate::search::{SEARCH_CONFIG, Search};
 use tokio_postgres::types::ToSql;
 
 /// A parameterized query.
@@ -55,9 +55,9 @@ impl Query {
     }
 }
 
-/// The full-text query of a filter, without unsupported `key:value` extensions.
-fn search_text(filter: &Filter) -> Option<String> {
-    filter.search.as_ref()?.words()
+/// The words of a filter's NIP-50 search, as one text for `websearch_to_tsquery`.
+fn search_words(filter: &Filter) -> Option<String> {
+    filter.search.as_ref().and_then(Search::words)
 }
 
 /// Tag values that can match something stored: Postgres text cannot hold NUL and values
@@ -72,12 +72,12 @@ fn storable_values(values: &[String]) -> Vec<String> {
 
 /// The conditions of one filter, ANDed.
 fn filter_predicate(q: &mut Query, filter: &Filter) -> String {
-    let search = search_text(filter).map(|text| q.bind(text));
+    let search = search_words(filter).map(|text| q.bind(text));
     filter_predicate_except(q, filter, None, search.as_deref())
 }
 
 /// [`filter_predicate`] without the condition on tag `skip` (it drives the query instead).
-/// `search` is the bind parameter holding the filter's [`search_text`], if it has one.
+/// `search` is the bind parameter holding the filter's [`search_words`], if it has any.
 fn filter_predicate_except(
     q: &mut Query,
     filter: &Filter,
@@ -110,10 +110,13 @@ fn filter_predicate_except(
             "e.seq IN (SELECT t.event_seq FROM tags t WHERE t.name = {name} AND t.value = ANY({vals}))"
         ));
     }
-    if let Some(text) = search {
-        conds.push(format!(
+    match (search, &filter.search) {
+        (Some(text), _) => conds.push(format!(
             "e.search @@ websearch_to_tsquery('{SEARCH_CONFIG}', {text})"
-        ));
+        )),
+        // Extensions only: still only events with search text, as live matching does.
+        (None, Some(_)) => conds.push("e.search IS NOT NULL".to_owned()),
+        (None, None) => {}
     }
     if conds.is_empty() {
         "TRUE".to_owned()
@@ -164,7 +167,7 @@ pub fn events_query(filter: &Filter, viewer: &Viewer, now: i64, limit: i64) -> Q
     // of collecting every event that carries a popular tag. Each value is walked on its
     // own (a LATERAL join): Postgres 15 cannot walk `value = ANY(...)` in created_at order,
     // and sorted every match of a popular `#p` instead (40 ms on 500k events, 1.5 ms now).
-    let search = search_text(filter);
+    let search = search_words(filter);
     let driving = match (&filter.ids, &search) {
         (None, None) => filter.tags.iter().next(),
         _ => None,
@@ -272,6 +275,14 @@ mod tests {
             "{}",
             q.sql
         );
+    }
+
+    #[test]
+    fn a_search_of_extensions_only_still_needs_search_text() {
+        let f = filter(serde_json::json!({"search": "lang:en", "#t": ["x"]}));
+        let q = events_query(&f, &Viewer::default(), 100, 10);
+        assert!(q.sql.contains("e.search IS NOT NULL"), "{}", q.sql);
+        assert!(!q.sql.contains("websearch_to_tsquery"), "{}", q.sql);
     }
 
     #[test]

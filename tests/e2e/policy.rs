@@ -572,6 +572,14 @@ async fn nip50_search_by_relevance() {
         2,
         "case-insensitive; unsupported extensions ignored"
     );
+    // A search of extensions only still looks at searched events only: not the seal.
+    let got = c
+        .req(
+            "x",
+            &[json!({"search": "include:spam", "authors": [k.pubkey().to_hex()]})],
+        )
+        .await;
+    assert_eq!(got.len(), 3, "the three notes, not the seal: {got:?}");
     assert!(
         c.req("v", &[json!({"search": "ethereum"})])
             .await
@@ -584,6 +592,15 @@ async fn nip50_search_by_relevance() {
             .await
             .is_empty()
     );
+    let mut e = cluster.client(0).await;
+    assert!(
+        e.req(
+            "ext",
+            &[json!({"search": "lang:en", "authors": [k.pubkey().to_hex()], "since": t + 50})]
+        )
+        .await
+        .is_empty()
+    );
     let mut p = cluster.client(0).await;
     assert!(p.publish(&note(&k, now(), "no match here")).await.accepted);
     let zebra_seal = k.sign(now(), Kind(13), vec![], "zebra");
@@ -591,6 +608,9 @@ async fn nip50_search_by_relevance() {
     let zebra = note(&k, now(), "a Zebra crossing");
     assert!(p.publish(&zebra).await.accepted);
     assert_eq!(c.next_event("live").await, zebra);
+    // Live, too, a search of extensions only skips the seal.
+    assert_eq!(e.next_event("ext").await.content, "no match here");
+    assert_eq!(e.next_event("ext").await, zebra);
 }
 
 #[tokio::test]
