@@ -86,7 +86,7 @@ const INSERT_TAGS: &str = "INSERT INTO tags (event_seq, name, value, kind, creat
 const DELETE_BY_IDS: &str = "DELETE FROM events WHERE id = ANY($1) AND pubkey = $2 AND kind <> 5";
 
 const TOMBSTONE_IDS: &str = "INSERT INTO deleted_events (id, pubkey) \
-     SELECT unnest($1::bytea[]), $2 ON CONFLICT (id) DO NOTHING";
+     SELECT unnest($1::bytea[]), $2 ON CONFLICT (id, pubkey) DO NOTHING";
 
 const DELETE_ADDRESS: &str =
     "DELETE FROM events WHERE pubkey = $1 AND kind = $2 AND d_tag = $3 AND created_at <= $4";

@@ -216,6 +216,16 @@ const MIGRATIONS: &[(i32, &str)] = &[
     UPDATE events SET search = NULL WHERE kind IN (4, 13, 1059) AND search IS NOT NULL;
     "#,
     ),
+    (
+        7,
+        r#"
+    -- NIP-09 tombstones are kept per (id, requester). Keyed by the id alone, a stranger's
+    -- request naming an event took its id first, the author's own request then recorded
+    -- nothing (ON CONFLICT), and the deleted event could be published again.
+    ALTER TABLE deleted_events DROP CONSTRAINT deleted_events_pkey;
+    ALTER TABLE deleted_events ADD PRIMARY KEY (id, pubkey);
+    "#,
+    ),
 ];
 
 /// A key for `pg_advisory_xact_lock` that serializes migrations across workers.

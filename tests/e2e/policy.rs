@@ -63,6 +63,15 @@ async fn nip09_deletion_by_e_and_a_tags() {
         vec![deletion.clone()]
     );
     assert!(refused(&c.publish(&mine).await, "blocked:"));
+    // Alice's request named Mallory's event first; Mallory's own request still sticks.
+    let own = mallory.sign(t + 3, Kind(5), vec![tag("e", &theirs.id.to_hex())], "");
+    assert!(c.publish(&own).await.accepted);
+    assert!(
+        c.req("theirs", &[json!({"ids": [theirs.id.to_hex()]})])
+            .await
+            .is_empty()
+    );
+    assert!(refused(&c.publish(&theirs).await, "blocked:"));
     // Deleting a deletion request has no effect.
     let undo = alice.sign(t + 2, Kind(5), vec![tag("e", &deletion.id.to_hex())], "");
     assert!(c.publish(&undo).await.accepted);
