@@ -82,8 +82,14 @@ async fn root(
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.contains("application/nostr+json"));
     if wants_info {
+        // NIP-11 wants all three CORS headers on the document itself; the CORS layer adds
+        // Allow-Origin to every response but the other two only to preflight requests.
         return (
-            [(header::CONTENT_TYPE, "application/nostr+json")],
+            [
+                (header::CONTENT_TYPE, "application/nostr+json"),
+                (header::ACCESS_CONTROL_ALLOW_HEADERS, "*"),
+                (header::ACCESS_CONTROL_ALLOW_METHODS, "GET, POST, OPTIONS"),
+            ],
             relay_info(&state).to_string(),
         )
             .into_response();
@@ -135,7 +141,11 @@ pub fn relay_info(state: &AppState) -> serde_json::Value {
         "min_pow_difficulty": c.event_limits.min_pow_difficulty,
         "auth_required": c.auth.auth_read && c.auth.auth_write,
         "payment_required": false,
-        "restricted_writes": c.auth.auth_write || c.event_limits.min_pow_difficulty > 0,
+        // Any condition on publishing: AUTH, proof of work, or a NIP-86 allow list.
+        "restricted_writes": c.auth.auth_write
+            || c.event_limits.min_pow_difficulty > 0
+            || !moderation.allowed_pubkeys.is_empty()
+            || !moderation.allowed_kinds.is_empty(),
         "created_at_upper_limit": c.event_limits.created_at_upper_limit,
     });
     if c.event_limits.created_at_lower_limit > 0 {

@@ -170,9 +170,11 @@ pub enum MessageError {
         /// What is wrong with the event.
         error: EventError,
     },
-    /// A `REQ` with a malformed filter.
+    /// A `REQ` or `COUNT` with a malformed filter.
     #[error("{error}")]
     BadFilter {
+        /// `REQ` or `COUNT`.
+        verb: &'static str,
         /// The subscription id (already checked).
         sub_id: SubId,
         /// What is wrong with the filter.
@@ -188,6 +190,15 @@ pub enum MessageError {
         prefix: &'static str,
         /// What is wrong.
         detail: String,
+    },
+    /// A `REQ` or `COUNT` whose id is readable but which has no filter; answered with
+    /// `CLOSED`, as NIP-01 and NIP-45 want for every refused one.
+    #[error("{verb} expects an id and at least one filter")]
+    NoFilter {
+        /// `REQ` or `COUNT`.
+        verb: &'static str,
+        /// The subscription id (already checked).
+        sub_id: SubId,
     },
     /// A message with the wrong number of elements for its verb.
     #[error("{verb} expects {expected}")]
@@ -266,17 +277,16 @@ impl ClientMessage {
             }
             "REQ" | "COUNT" => {
                 let sub_id = sub_id_at(&items)?;
+                let verb = if verb == "REQ" { "REQ" } else { "COUNT" };
                 if items.len() < 3 {
-                    return Err(MessageError::BadArity {
-                        verb: if verb == "REQ" { "REQ" } else { "COUNT" },
-                        expected: "an id and at least one filter",
-                    });
+                    return Err(MessageError::NoFilter { verb, sub_id });
                 }
                 let filters = items[2..]
                     .iter()
                     .map(Filter::from_value)
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|error| MessageError::BadFilter {
+                        verb,
                         sub_id: sub_id.clone(),
                         error,
                     })?;

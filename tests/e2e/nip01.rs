@@ -516,7 +516,8 @@ async fn malformed_input_gets_a_reply_and_the_connection_keeps_working() {
             "OK false invalid:",
         ),
         (r#"["REQ"]"#.into(), "NOTICE invalid:"),
-        (r#"["REQ","s"]"#.into(), "NOTICE invalid:"),
+        (r#"["REQ","s"]"#.into(), "CLOSED invalid:"),
+        (r#"["COUNT","c"]"#.into(), "CLOSED invalid:"),
         (format!(r#"["REQ","{long_sub}",{{}}]"#), "NOTICE invalid:"),
         (r#"["REQ","s",{"ids":["xyz"]}]"#.into(), "CLOSED invalid:"),
         (
@@ -549,18 +550,49 @@ async fn malformed_input_gets_a_reply_and_the_connection_keeps_working() {
     assert!(c.publish(&ev).await.accepted);
 }
 
+/// NIP-01: a REQ replaces the subscription of the same id, so a refused one ends it (its
+/// CLOSED says so) instead of leaving the old filters delivering.
+#[tokio::test]
+async fn a_refused_req_ends_the_subscription_it_replaces() {
+    let cluster = Cluster::default_cluster().await;
+    let mut c = cluster.client(0).await;
+    for refused in [
+        r#"["REQ","s",{"ids":["xyz"]}]"#.to_owned(),
+        r#"["REQ","s"]"#.to_owned(),
+    ] {
+        let keys = Keys::generate();
+        let author = json!({"authors": [keys.pubkey().to_hex()]});
+        assert!(c.req("s", std::slice::from_ref(&author)).await.is_empty());
+        c.send_text(refused.clone()).await;
+        assert!(
+            matches!(c.recv().await, RelayMessage::Closed { sub_id, .. } if sub_id.as_str() == "s"),
+            "{refused}"
+        );
+        let mut p = cluster.client(0).await;
+        assert!(p.publish(&note(&keys, now(), &refused)).await.accepted);
+        assert_eq!(
+            c.next_event_within("s", Duration::from_millis(500)).await,
+            None,
+            "after {refused}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn nip11_health_and_readiness() {
     let cluster = Cluster::default_cluster().await;
     let gw = &cluster.gateways[0];
     let (status, headers, body) = http_get(gw.addr, "/", Some("application/nostr+json")).await;
     assert_eq!(status, 200);
-    assert!(
-        headers
-            .to_ascii_lowercase()
-            .contains("access-control-allow-origin: *"),
-        "{headers}"
-    );
+    // NIP-11: all three CORS headers, on the document itself (not only on preflight).
+    let lower = headers.to_ascii_lowercase();
+    for wanted in [
+        "access-control-allow-origin: *",
+        "access-control-allow-headers: *",
+        "access-control-allow-methods: ",
+    ] {
+        assert!(lower.contains(wanted), "{wanted} in {headers}");
+    }
     let doc: Value = serde_json::from_str(&body).expect("NIP-11 JSON");
     assert!(
         doc["supported_nips"]
@@ -568,6 +600,7 @@ async fn nip11_health_and_readiness() {
             .is_some_and(|n| n.contains(&json!(1)) && n.contains(&json!(11)))
     );
     assert_eq!(doc["limitation"]["max_subid_length"], json!(64));
+    assert_eq!(doc["limitation"]["restricted_writes"], json!(false));
     assert_eq!(http_get(gw.addr, "/healthz", None).await.0, 200);
     // Workers beat every 300 ms in tests; readiness follows within a few beats.
     let mut ready = false;

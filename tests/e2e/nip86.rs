@@ -307,6 +307,8 @@ async fn every_method_takes_effect_on_every_gateway_and_survives_restarts() {
     .await;
     until_publish(&mut c1, &mallory, Kind(1), false, "only allowed pubkeys").await;
     assert!(c1.publish(&note(&alice, now(), "allowed")).await.accepted);
+    // NIP-11: a pubkey allow list restricts writes.
+    assert_eq!(nip11(g1).await["limitation"]["restricted_writes"], true);
     assert_eq!(
         ok(g1, &admin, "listallowedpubkeys", json!([])).await,
         json!([{"pubkey": alice.pubkey().to_hex(), "reason": "friend"}])
@@ -319,6 +321,7 @@ async fn every_method_takes_effect_on_every_gateway_and_survives_restarts() {
     )
     .await;
     until_publish(&mut c1, &mallory, Kind(1), true, "allow list emptied").await;
+    assert_eq!(nip11(g1).await["limitation"]["restricted_writes"], false);
 
     // Allowed kinds.
     ok(g0, &admin, "allowkind", json!([1])).await;

@@ -105,7 +105,14 @@ pub fn reject(session: &Session, err: MessageError) {
     let reason = err.reason();
     match &err {
         MessageError::BadEvent { id: Some(id), .. } => session.send(ok_frame(id, false, &reason)),
-        MessageError::BadFilter { sub_id, .. } => session.send(closed_frame(sub_id, &reason)),
+        MessageError::BadFilter { verb, sub_id, .. } | MessageError::NoFilter { verb, sub_id } => {
+            // A refused REQ still replaces (here: ends) the subscription of the same id,
+            // as its CLOSED says.
+            if *verb == "REQ" {
+                session.state.registry.unsubscribe(session.conn, sub_id);
+            }
+            session.send(closed_frame(sub_id, &reason));
+        }
         MessageError::BadNeg { sub_id, .. } => {
             session.state.registry.neg_close(session.conn, sub_id);
             session.send(neg_err_frame(sub_id, &reason));

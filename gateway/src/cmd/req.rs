@@ -42,6 +42,9 @@ impl Subscribe {
     async fn subscribe(mut self, session: &mut Session) {
         let state = &session.state;
         if let Err(reason) = admit(session, &self.sub_id, &mut self.filters, true).await {
+            // NIP-01: a REQ replaces the subscription of the same id, and CLOSED says it
+            // ended; a refused one must not leave the old one delivering.
+            state.registry.unsubscribe(session.conn, &self.sub_id);
             session.send(closed_frame(&self.sub_id, &reason));
             return;
         }
