@@ -61,6 +61,8 @@ impl Negentropy {
 async fn open(session: &mut Session, sub_id: SubId, filter: Filter, message: NegMessage) {
     let mut filters = [filter];
     if let Err(reason) = admit(session, &sub_id, &mut filters, false).await {
+        // NIP-77: after NEG-ERR the subscription is closed, including one this replaced.
+        session.state.registry.neg_close(session.conn, &sub_id);
         session.send(neg_err_frame(&sub_id, &reason));
         return;
     }
