@@ -166,7 +166,7 @@ const EXPECTED: &[(&str, Expect)] = &[
     ("event-ephemeral-kind.json", Accepted),
     // REQ.
     ("req-arity-1.json", Notice("invalid:")),
-    ("req-arity-2.json", Notice("invalid:")),
+    ("req-arity-2.json", Closed("invalid:")),
     ("req-1000-filters.json", Closed("invalid:")),
     ("req-e-tag-10000-values.json", Notice("invalid:")),
     ("req-e-tag-7000-values.json", Eose),
@@ -196,7 +196,7 @@ const EXPECTED: &[(&str, Expect)] = &[
     ("req-search-nul.json", Answered),
     // COUNT.
     ("count-arity-1.json", Notice("invalid:")),
-    ("count-arity-2.json", Notice("invalid:")),
+    ("count-arity-2.json", Closed("invalid:")),
     ("count-sub-id-number.json", Notice("invalid:")),
     ("count-bad-filter.json", Closed("invalid:")),
     ("count-1000-filters.json", Closed("invalid:")),
