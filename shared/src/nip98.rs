@@ -4,8 +4,8 @@
 //!
 //! Pure functions: the caller says what the request was ([`Request`]), what time it is and
 //! how far from it an authorization may be dated; nothing here reads a clock, a socket or
-//! the configuration. The relay's management API
-//! (NIP-86) uses it; [`authorization`] builds a header for clients and tests.
+//! the configuration. The relay's management API (NIP-86) uses it; [`authorization`]
+//! builds a header for clients and tests.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -229,7 +229,8 @@ mod tests {
         assert_eq!(
             verify_header(Some(&header), &request(), NOW + 30, WINDOW),
             Ok(keys.pubkey())
-        ); // The window is the caller's: 90 s late is stale in 60 s and fine in 120 s.
+        );
+        // The window is the caller's: 90 s late is stale in 60 s and fine in 120 s.
         assert!(verify_header(Some(&header), &request(), NOW + 90, WINDOW).is_err());
         assert_eq!(
             verify_header(Some(&header), &request(), NOW + 90, 120),

@@ -11,9 +11,7 @@ mod event;
 mod neg;
 pub(crate) mod req;
 
-use shared::message::{
-    ClientMessage, MessageError, closed_frame, neg_err_frame, notice_frame, ok_frame,
-};
+use shared::message::{ClientMessage, MessageError, closed_frame, notice_frame, ok_frame};
 
 use crate::session::Session;
 
@@ -106,17 +104,13 @@ pub fn reject(session: &Session, err: MessageError) {
     match &err {
         MessageError::BadEvent { id: Some(id), .. } => session.send(ok_frame(id, false, &reason)),
         MessageError::BadFilter { verb, sub_id, .. } | MessageError::NoFilter { verb, sub_id } => {
-            // A refused REQ still replaces (here: ends) the subscription of the same id,
-            // as its CLOSED says.
             if *verb == "REQ" {
-                session.state.registry.unsubscribe(session.conn, sub_id);
+                req::refuse(session, sub_id, &reason);
+            } else {
+                session.send(closed_frame(sub_id, &reason));
             }
-            session.send(closed_frame(sub_id, &reason));
         }
-        MessageError::BadNeg { sub_id, .. } => {
-            session.state.registry.neg_close(session.conn, sub_id);
-            session.send(neg_err_frame(sub_id, &reason));
-        }
+        MessageError::BadNeg { sub_id, .. } => neg::end(session, sub_id, &reason),
         _ => session.send(notice_frame(&reason)),
     }
 }

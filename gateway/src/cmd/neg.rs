@@ -61,9 +61,8 @@ impl Negentropy {
 async fn open(session: &mut Session, sub_id: SubId, filter: Filter, message: NegMessage) {
     let mut filters = [filter];
     if let Err(reason) = admit(session, &sub_id, &mut filters, false).await {
-        // NIP-77: after NEG-ERR the subscription is closed, including one this replaced.
-        session.state.registry.neg_close(session.conn, &sub_id);
-        session.send(neg_err_frame(&sub_id, &reason));
+        // Including a session of the same id this would have replaced.
+        end(session, &sub_id, &reason);
         return;
     }
     let [filter] = filters;
@@ -84,13 +83,18 @@ async fn open(session: &mut Session, sub_id: SubId, filter: Filter, message: Neg
     publish(session, sub_id, req, filter, viewer, message).await;
 }
 
+/// Refuses with `NEG-ERR` and closes the session of that id: after a `NEG-ERR` it is over
+/// (NIP-77); the client may open it again later.
+pub(crate) fn end(session: &Session, sub_id: &SubId, reason: &str) {
+    session.state.registry.neg_close(session.conn, sub_id);
+    session.send(neg_err_frame(sub_id, reason));
+}
+
 /// `NEG-MSG`: the next round of an open session, against the filter it was opened with.
 async fn round(session: &mut Session, sub_id: SubId, message: NegMessage) {
     let state = &session.state;
     if let Err(reason) = within_req_rate(session).await {
-        // After NEG-ERR the session is over (NIP-77); the client may open it again later.
-        session.send(neg_err_frame(&sub_id, &reason));
-        state.registry.neg_close(session.conn, &sub_id);
+        end(session, &sub_id, &reason);
         return;
     }
     let req = ReqId(state.next_id());

@@ -12,6 +12,14 @@ use crate::policy;
 use crate::ratelimit::{self, Limit};
 use crate::session::Session;
 
+/// Refuses a `REQ` with `CLOSED`. A `REQ` replaces the subscription of the same id, and
+/// `CLOSED` says it ended (NIP-01), so a refused one ends the old one too rather than leave
+/// it delivering.
+pub(crate) fn refuse(session: &Session, sub_id: &SubId, reason: &str) {
+    session.state.registry.unsubscribe(session.conn, sub_id);
+    session.send(closed_frame(sub_id, reason));
+}
+
 /// A client opening (or replacing) a subscription.
 pub struct Subscribe {
     sub_id: SubId,
@@ -42,10 +50,7 @@ impl Subscribe {
     async fn subscribe(mut self, session: &mut Session) {
         let state = &session.state;
         if let Err(reason) = admit(session, &self.sub_id, &mut self.filters, true).await {
-            // NIP-01: a REQ replaces the subscription of the same id, and CLOSED says it
-            // ended; a refused one must not leave the old one delivering.
-            state.registry.unsubscribe(session.conn, &self.sub_id);
-            session.send(closed_frame(&self.sub_id, &reason));
+            refuse(session, &self.sub_id, &reason);
             return;
         }
         let req = ReqId(state.next_id());
