@@ -65,12 +65,55 @@ struct Conn {
     subs: HashMap<SubId, Sub>,
     /// NIP-42 pubkeys, for read-restricted kinds.
     authed: Vec<PubKey>,
-    /// Events sent to the bus whose `OK` has not come yet: deadlines, oldest first.
-    pending_ok: HashMap<EventId, VecDeque<Instant>>,
+    /// Events sent to the bus whose `OK` has not come yet.
+    pending_ok: Awaited<EventId>,
     /// `COUNT`s sent to the bus and not answered yet.
-    pending_count: HashMap<SubId, Instant>,
+    pending_count: Awaited<SubId>,
     /// NIP-77 negentropy sessions, by their own ids (not `REQ` ids).
     neg: HashMap<SubId, NegSession>,
+}
+
+/// Requests sent to the bus whose answers have not come yet: each key's deadlines, oldest
+/// first. A key may be awaited more than once (the same event published twice, two `COUNT`s
+/// with one id), and each request gets exactly one answer: the worker's or, once its
+/// deadline passes, the gateway's own `error:`.
+struct Awaited<K>(HashMap<K, VecDeque<Instant>>);
+
+impl<K> Default for Awaited<K> {
+    fn default() -> Self {
+        Awaited(HashMap::new())
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Awaited<K> {
+    fn expect(&mut self, key: K, deadline: Instant) {
+        self.0.entry(key).or_default().push_back(deadline);
+    }
+
+    /// Whether an answer for `key` is awaited; if so, it no longer is (oldest first).
+    fn answer(&mut self, key: &K) -> bool {
+        let Some(deadlines) = self.0.get_mut(key) else {
+            return false;
+        };
+        deadlines.pop_front();
+        if deadlines.is_empty() {
+            self.0.remove(key);
+        }
+        true
+    }
+
+    /// Forgets the requests whose deadline is past `now`: their keys, one per request.
+    fn expire(&mut self, now: Instant) -> Vec<K> {
+        let mut expired = Vec::new();
+        self.0.retain(|key, deadlines| {
+            while deadlines.front().is_some_and(|d| *d <= now) {
+                deadlines.pop_front();
+                expired.push(key.clone());
+            }
+            !deadlines.is_empty()
+        });
+        expired
+    }
 }
 
 /// A NIP-77 negentropy session. The query workers keep nothing between rounds, so the
@@ -241,8 +284,8 @@ impl Registry {
                 handle,
                 subs: HashMap::new(),
                 authed: Vec::new(),
-                pending_ok: HashMap::new(),
-                pending_count: HashMap::new(),
+                pending_ok: Awaited::default(),
+                pending_count: Awaited::default(),
                 neg: HashMap::new(),
             },
         );
@@ -409,7 +452,7 @@ impl Registry {
     pub fn expect_ok(&self, conn: ConnId, id: EventId) {
         let deadline = Instant::now() + self.limits.reply_timeout;
         if let Some(c) = self.lock().conns.get_mut(&conn) {
-            c.pending_ok.entry(id).or_default().push_back(deadline);
+            c.pending_ok.expect(id, deadline);
         }
     }
 
@@ -417,24 +460,19 @@ impl Registry {
     /// answered `error:` on its own, is dropped: every EVENT gets exactly one `OK`).
     pub fn ok(&self, conn: ConnId, id: EventId, frame: String) {
         let mut inner = self.lock();
-        let Some(c) = inner.conns.get_mut(&conn) else {
-            return;
-        };
-        let Some(waiting) = c.pending_ok.get_mut(&id) else {
-            return;
-        };
-        waiting.pop_front();
-        if waiting.is_empty() {
-            c.pending_ok.remove(&id);
+        if let Some(c) = inner.conns.get_mut(&conn)
+            && c.pending_ok.answer(&id)
+        {
+            push(conn, &c.handle, frame);
         }
-        push(conn, &c.handle, frame);
     }
 
-    /// Notes that a `COUNT` went to the bus.
+    /// Notes that a `COUNT` went to the bus. A second `COUNT` with the same id while the
+    /// first is awaited gets an answer of its own.
     pub fn expect_count(&self, conn: ConnId, query_id: SubId) {
         let deadline = Instant::now() + self.limits.reply_timeout;
         if let Some(c) = self.lock().conns.get_mut(&conn) {
-            c.pending_count.insert(query_id, deadline);
+            c.pending_count.expect(query_id, deadline);
         }
     }
 
@@ -442,7 +480,7 @@ impl Registry {
     pub fn count(&self, conn: ConnId, query_id: &SubId, frame: String) {
         let mut inner = self.lock();
         if let Some(c) = inner.conns.get_mut(&conn)
-            && c.pending_count.remove(query_id).is_some()
+            && c.pending_count.answer(query_id)
         {
             push(conn, &c.handle, frame);
         }
@@ -542,15 +580,7 @@ impl Registry {
         let mut unindex = Vec::new();
         for (conn_id, c) in inner.conns.iter_mut() {
             let conn = *conn_id;
-            let mut timed_out = Vec::new();
-            c.pending_ok.retain(|id, deadlines| {
-                while deadlines.front().is_some_and(|d| *d <= now) {
-                    deadlines.pop_front();
-                    timed_out.push(*id);
-                }
-                !deadlines.is_empty()
-            });
-            for id in timed_out {
+            for id in c.pending_ok.expire(now) {
                 let frame = shared::message::ok_frame(
                     &id,
                     false,
@@ -558,14 +588,7 @@ impl Registry {
                 );
                 push(conn, &c.handle, frame);
             }
-            let expired: Vec<SubId> = c
-                .pending_count
-                .iter()
-                .filter(|(_, d)| **d <= now)
-                .map(|(q, _)| q.clone())
-                .collect();
-            for q in expired {
-                c.pending_count.remove(&q);
+            for q in c.pending_count.expire(now) {
                 push(
                     conn,
                     &c.handle,
@@ -852,6 +875,25 @@ mod tests {
         reg.stored(ConnId(1), ReqId(1), &sub, vec![], true);
         assert!(texts(&mut rx).is_empty(), "late answers are dropped");
         assert_eq!(reg.subscriptions(ConnId(1)), 0);
+    }
+
+    #[test]
+    fn two_counts_with_one_id_get_an_answer_each() {
+        let (reg, mut rx) = registry();
+        let q = SubId::new("c").expect("valid");
+        reg.expect_count(ConnId(1), q.clone());
+        reg.expect_count(ConnId(1), q.clone());
+        reg.count(ConnId(1), &q, "first".into());
+        reg.count(ConnId(1), &q, "second".into());
+        reg.count(ConnId(1), &q, "third".into());
+        assert_eq!(texts(&mut rx), vec!["first", "second"]);
+        reg.expect_count(ConnId(1), q.clone());
+        reg.expect_count(ConnId(1), q.clone());
+        reg.count(ConnId(1), &q, "answered".into());
+        reg.expire(Instant::now() + Duration::from_secs(6));
+        let got = texts(&mut rx);
+        assert_eq!(got.len(), 2, "one answer, one timeout: {got:?}");
+        assert!(got[1].starts_with("[\"CLOSED\"") && got[1].contains("error:"));
     }
 
     #[test]
