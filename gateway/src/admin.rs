@@ -206,7 +206,12 @@ pub async fn rpc(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
     tracing::info!(admin = %pubkey, call = ?call, "management request");
     match call {
         Call::SupportedMethods => {
-            let names: Vec<&str> = METHODS.iter().map(|(name, _)| *name).collect();
+            // "The names of all the other supported methods" (NIP-86): not itself.
+            let names: Vec<&str> = METHODS
+                .iter()
+                .map(|(name, _)| *name)
+                .filter(|name| *name != "supportedmethods")
+                .collect();
             result(json!(names))
         }
         Call::Change(change) => apply(&state, change).await,
