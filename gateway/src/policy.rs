@@ -11,14 +11,15 @@ use crate::session::Session;
 pub const AUTH_KIND: Kind = Kind(22242);
 
 /// Checks an event against the configured limits and policies (NIP-01 limits, NIP-13,
-/// NIP-40, NIP-42 write policy, NIP-70, NIP-86 bans and allow lists).
+/// NIP-40, NIP-42 write policy, NIP-70 (and reposts embedding protected events), NIP-86 bans and allow lists).
 pub fn check_event(session: &Session, event: &Event) -> Result<(), String> {
     let c = &session.state.config;
     let limits = &c.event_limits;
     if event.kind == AUTH_KIND {
         return Err("invalid: kind 22242 is for AUTH messages and is never published".into());
     }
-    if let Some(reason) = session.state.moderation.get().refuses(event) {
+    let relay_host = session.state.relay_host.as_deref();
+    if let Some(reason) = session.state.moderation.get().refuses(event, relay_host) {
         return Err(reason);
     }
     if event.tags.len() > limits.max_event_tags {
@@ -61,10 +62,17 @@ pub fn check_event(session: &Session, event: &Event) -> Result<(), String> {
             limits.min_pow_difficulty
         ));
     }
-    if c.auth.auth_write && session.authed.is_empty() {
+    // NIP-62: a request to vanish is followed whoever sends it, authenticated or not.
+    if c.auth.auth_write
+        && session.authed.is_empty()
+        && !shared::vanish::is_addressed_here(event, relay_host)
+    {
         return Err(
             "auth-required: this relay only accepts events from authenticated users".into(),
         );
+    }
+    if event.embeds_protected_event() {
+        return Err("blocked: a repost must not embed a protected event (NIP-70)".into());
     }
     if event.is_protected() {
         if session.authed.is_empty() {

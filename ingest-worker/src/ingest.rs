@@ -97,7 +97,7 @@ impl Handler for Ingest {
                 .event
                 .as_ref()
                 .ok()
-                .and_then(|ev| moderation.refuses(ev));
+                .and_then(|ev| moderation.refuses(ev, self.relay_host.as_deref()));
             let Some(reason) = refused else { return true };
             metrics::counter!("nostr_ingest_events_total", "outcome" => "blocked").increment(1);
             replies.ok(item, false, reason);
@@ -114,7 +114,10 @@ impl Handler for Ingest {
                     Pending {
                         event,
                         json: item.json.get(),
-                        vanish: write::is_vanish_request(event, self.relay_host.as_deref()),
+                        vanish: shared::vanish::is_addressed_here(
+                            event,
+                            self.relay_host.as_deref(),
+                        ),
                     },
                 )),
                 _ => None,
@@ -172,7 +175,7 @@ impl Handler for Ingest {
                         Ok(Outcome::Vanished) => (
                             "vanished",
                             false,
-                            "blocked: the author asked this relay to delete their events".into(),
+                            "blocked: a request to vanish (NIP-62) deleted this event".into(),
                         ),
                         Ok(Outcome::VanishedNow) => ("vanish_request", true, String::new()),
                         Err(e) => {

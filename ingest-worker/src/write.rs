@@ -4,7 +4,9 @@
 //!
 //! **Invariant:** every write of an author's events holds that author's advisory lock: shared
 //! for ordinary events, exclusive for deletions and requests to vanish. So a deletion and a
-//! re-publication of the deleted event, handled by two workers at once, cannot both win.
+//! re-publication of the deleted event, handled by two workers at once, cannot both win. A
+//! gift wrap also holds its recipients' shared locks, as a request to vanish deletes the
+//! wraps addressed to its author.
 
 use deadpool_postgres::{GenericClient, Pool, Transaction};
 use shared::event::{Event, EventId, Kind, KindClass, PubKey};
@@ -23,7 +25,8 @@ pub enum Outcome {
     Superseded,
     /// Deleted by its author (NIP-09) earlier; not stored again.
     Deleted,
-    /// Its author asked this relay to vanish (NIP-62); not stored.
+    /// Its author, or for a gift wrap its recipient, asked this relay to vanish (NIP-62);
+    /// not stored.
     Vanished,
     /// A request to vanish addressed to this relay: the author's events are gone.
     VanishedNow,
@@ -39,27 +42,24 @@ pub struct Pending<'a> {
     pub vanish: bool,
 }
 
-/// NIP-62: whether `event` is a request to vanish addressed to this relay (whose host is
-/// `relay_host`, if it has a public URL): kind 62 with a `relay` tag naming this relay or
-/// `ALL_RELAYS`.
-pub fn is_vanish_request(event: &Event, relay_host: Option<&str>) -> bool {
-    event.kind == Kind(62)
-        && event.tag_values("relay").any(|r| {
-            r == "ALL_RELAYS" || relay_host.is_some_and(|h| shared::config::relay_host(r) == h)
-        })
-}
-
 /// Longest tag value indexed for `#x` queries, in bytes. Postgres btree entries are limited
 /// to about 2.7 kB; longer values are kept in the event but cannot be queried by tag.
 const MAX_INDEXED_TAG_VALUE: usize = 1024;
 
 const LOCK_SHARED: &str = "SELECT pg_advisory_xact_lock_shared($1)";
+const LOCK_SHARED_ALL: &str =
+    "SELECT pg_advisory_xact_lock_shared(k) FROM unnest($1::bigint[]) AS k";
 const LOCK_EXCLUSIVE: &str = "SELECT pg_advisory_xact_lock($1)";
 
 const REFUSED: &str = "SELECT \
      EXISTS (SELECT 1 FROM deleted_events WHERE id = $1 AND pubkey = $2), \
      EXISTS (SELECT 1 FROM vanished WHERE pubkey = $2 AND until >= $3), \
      EXISTS (SELECT 1 FROM deleted_addresses WHERE pubkey = $2 AND kind = $4 AND d_tag = $5 AND until >= $3)";
+
+/// NIP-62: whether a gift wrap created at `$2` is addressed to one of `$1` (pubkeys) that
+/// asked to vanish since: [`VANISH_GIFT_WRAPS`] deleted it, and it may not come back.
+const WRAP_VANISHED: &str =
+    "SELECT EXISTS (SELECT 1 FROM vanished WHERE pubkey = ANY($1) AND until >= $2)";
 
 /// Takes the same parameters as [`UPSERT_REPLACEABLE`] and returns the same columns; `$8`
 /// (the `d` tag) is NULL for kinds that are not replaced.
@@ -141,10 +141,31 @@ fn author_lock(pubkey: &PubKey) -> i64 {
 }
 
 /// Whether an event takes the set-based path: a regular kind that deletes nothing. The
-/// others (replaceable, addressable, deletions, requests to vanish) go one by one.
+/// others (replaceable, addressable, deletions, requests to vanish, gift wraps with
+/// recipients) go one by one.
 fn is_simple(p: &Pending<'_>) -> bool {
-    p.event.replace_key().is_none() && p.event.kind != Kind(5) && !p.vanish
+    p.event.replace_key().is_none()
+        && p.event.kind != Kind(5)
+        && !p.vanish
+        && wrap_recipients(p.event).is_empty()
 }
+
+/// The pubkeys a gift wrap (NIP-59, kind 1059) is addressed to, as [`VANISH_GIFT_WRAPS`]
+/// finds them: `p` tags whose indexed value is a pubkey in lowercase hex. Empty for other
+/// kinds.
+fn wrap_recipients(event: &Event) -> Vec<PubKey> {
+    if event.kind != GIFT_WRAP {
+        return Vec::new();
+    }
+    event
+        .indexed_tags()
+        .filter(|(name, _)| *name == 'p')
+        .filter_map(|(_, v)| PubKey::from_hex(v).ok().filter(|pk| pk.to_hex() == v))
+        .collect()
+}
+
+/// NIP-59 gift wraps, deleted with their recipient's request to vanish.
+const GIFT_WRAP: Kind = Kind(1059);
 
 async fn store_in_tx(db: &Pool, batch: &[Pending<'_>]) -> Result<Vec<Outcome>, StoreError> {
     let simple: Vec<usize> = (0..batch.len()).filter(|&i| is_simple(&batch[i])).collect();
@@ -338,6 +359,9 @@ async fn store_one(tx: &Transaction<'_>, pending: &Pending<'_>) -> Result<Outcom
         &[&author_lock(&event.pubkey)],
     )
     .await?;
+    if wraps_vanished(tx, event).await? {
+        return Ok(Outcome::Vanished);
+    }
 
     let refused = tx
         .query_one(
@@ -410,6 +434,32 @@ async fn store_one(tx: &Transaction<'_>, pending: &Pending<'_>) -> Result<Outcom
         apply_deletion(tx, event).await?;
     }
     Ok(Outcome::Stored)
+}
+
+/// NIP-62: whether `event` is a gift wrap addressed to someone who asked to vanish since
+/// (so [`vanish`] deleted it). Takes the recipients' shared locks first, so a request to
+/// vanish committing meanwhile is seen.
+async fn wraps_vanished(tx: &Transaction<'_>, event: &Event) -> Result<bool, StoreError> {
+    let recipients = wrap_recipients(event);
+    if recipients.is_empty() {
+        return Ok(false);
+    }
+    let mut keys: Vec<i64> = recipients.iter().map(author_lock).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    tx.execute(&tx.prepare_cached(LOCK_SHARED_ALL).await?, &[&keys])
+        .await?;
+    let pubkeys: Vec<&[u8]> = recipients
+        .iter()
+        .map(|pk| pk.as_bytes().as_slice())
+        .collect();
+    let row = tx
+        .query_one(
+            &tx.prepare_cached(WRAP_VANISHED).await?,
+            &[&pubkeys, &event.created_at],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// NIP-09: deletes the author's own events named by `e` tags, and every version up to the
@@ -504,6 +554,18 @@ mod tests {
         assert!(parse_address(&format!("1:{pk}:")).is_none());
         assert!(parse_address("30023:nothex:x").is_none());
         assert!(parse_address("x:y:z").is_none());
+    }
+
+    #[test]
+    fn gift_wraps_are_addressed_to_lowercase_hex_p_tags_only() {
+        use shared::event::signing::Keys;
+        let to = Keys::generate().pubkey();
+        let p = |v: String| vec!["p".to_owned(), v];
+        let tags = vec![p(to.to_hex()), p(to.to_hex().to_uppercase()), p("x".into())];
+        let keys = Keys::generate();
+        let wrap = keys.sign(1, GIFT_WRAP, tags.clone(), "");
+        assert_eq!(wrap_recipients(&wrap), vec![to]);
+        assert!(wrap_recipients(&keys.sign(1, Kind(1), tags, "")).is_empty());
     }
 
     /// The statements written here index with the configuration queries search with.

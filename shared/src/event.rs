@@ -442,6 +442,24 @@ impl Event {
         self.tags.iter().any(|t| t.len() == 1 && t[0] == "-")
     }
 
+    /// NIP-70: whether this is a repost (kind 6 or 16) whose content embeds a protected
+    /// event, which "MUST NOT" be embedded. Only the embedded event's tags are read: any
+    /// JSON object with a `["-"]` tag counts, signed or not.
+    pub fn embeds_protected_event(&self) -> bool {
+        #[derive(Deserialize)]
+        struct Embedded {
+            tags: Vec<Vec<serde_json::Value>>,
+        }
+        if !matches!(self.kind, Kind(6) | Kind(16)) || !self.content.trim_start().starts_with('{') {
+            return false;
+        }
+        serde_json::from_str::<Embedded>(&self.content).is_ok_and(|e| {
+            e.tags
+                .iter()
+                .any(|t| t.len() == 1 && t[0].as_str() == Some("-"))
+        })
+    }
+
     /// Whether `pubkey` is the author or is named in one of the event's `p` tags.
     pub fn involves(&self, pubkey: &PubKey) -> bool {
         self.pubkey == *pubkey || self.tag_values("p").any(|p| p == pubkey.to_hex())
@@ -791,6 +809,21 @@ mod tests {
         assert!(ev.is_protected());
         ev.tags = vec![vec!["-".into(), "x".into()]];
         assert!(!ev.is_protected());
+    }
+
+    #[test]
+    fn reposts_embedding_protected_events_are_recognized() {
+        let k = Keys::generate();
+        let protected = k.sign(1, Kind(1), vec![vec!["-".into()]], "members only");
+        let open = k.sign(1, Kind(1), vec![], "public");
+        let repost = |kind: u16, content: String| k.sign(2, Kind(kind), vec![], content);
+        assert!(repost(6, protected.to_json()).embeds_protected_event());
+        assert!(repost(16, protected.to_json()).embeds_protected_event());
+        assert!(!repost(6, open.to_json()).embeds_protected_event());
+        assert!(!repost(6, String::new()).embeds_protected_event());
+        assert!(!repost(6, "not json".into()).embeds_protected_event());
+        // Only reposts: a note quoting the JSON is left alone.
+        assert!(!repost(1, protected.to_json()).embeds_protected_event());
     }
 
     #[test]

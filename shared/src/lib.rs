@@ -13,6 +13,7 @@
 //! - [`search`]: NIP-50 search: a query's words, live matching, the text events are
 //!   indexed by.
 //! - [`moderation`]: the NIP-86 moderation state, its Redis snapshot and the admin envelopes.
+//! - [`vanish`]: NIP-62 requests to vanish: which ones this relay acts on.
 //! - `store` (feature `worker`): the Postgres schema, migrations and pool.
 //! - `sql` (feature `worker`): filters as parameterized SQL (query workers and tools).
 //! - `nip77` (feature `worker`): NIP-77 item sets, built alike by both reconciling sides.
@@ -42,6 +43,7 @@ pub mod sql;
 #[cfg(feature = "worker")]
 pub mod store;
 pub mod telemetry;
+pub mod vanish;
 #[cfg(feature = "worker")]
 pub mod worker;
 

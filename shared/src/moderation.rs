@@ -57,8 +57,13 @@ pub struct Moderation {
 }
 
 impl Moderation {
-    /// Why `event` may not be published here (`blocked: ...`), or `None`.
-    pub fn refuses(&self, event: &Event) -> Option<String> {
+    /// Why `event` may not be published here (`blocked: ...`), or `None`. A request to vanish
+    /// addressed to this relay, whose host is `relay_host` ([`crate::vanish`]), is never
+    /// refused: NIP-62 has it followed regardless of the user's status.
+    pub fn refuses(&self, event: &Event, relay_host: Option<&str>) -> Option<String> {
+        if crate::vanish::is_addressed_here(event, relay_host) {
+            return None;
+        }
         if let Some(reason) = self.banned_events.get(&event.id) {
             return Some(with_reason("blocked: this event is banned", reason));
         }
@@ -387,24 +392,34 @@ mod tests {
         let bob = Keys::generate();
         let note = alice.sign(1, Kind(1), vec![], "hi");
         let mut m = Moderation::default();
-        assert_eq!(m.refuses(&note), None);
+        assert_eq!(m.refuses(&note, None), None);
         m.allowed_kinds.insert(Kind(7));
-        assert!(m.refuses(&note).is_some_and(|r| r.starts_with("blocked:")));
+        assert!(
+            m.refuses(&note, None)
+                .is_some_and(|r| r.starts_with("blocked:"))
+        );
         m.allowed_kinds.insert(Kind(1));
-        assert_eq!(m.refuses(&note), None);
+        assert_eq!(m.refuses(&note, None), None);
         m.allowed_pubkeys.insert(bob.pubkey(), String::new());
-        assert!(m.refuses(&note).is_some());
+        assert!(m.refuses(&note, None).is_some());
         m.allowed_pubkeys.insert(alice.pubkey(), String::new());
-        assert_eq!(m.refuses(&note), None);
+        assert_eq!(m.refuses(&note, None), None);
         m.banned_pubkeys.insert(alice.pubkey(), "spam".into());
         assert_eq!(
-            m.refuses(&note).as_deref(),
+            m.refuses(&note, None).as_deref(),
             Some("blocked: this pubkey is banned (spam)")
         );
+        // NIP-62: a request to vanish addressed here is followed whatever the author's status.
+        let relay = |r: &str| vec![vec!["relay".to_owned(), r.to_owned()]];
+        let vanish = alice.sign(2, Kind(62), relay("wss://relay.test"), "");
+        assert_eq!(m.refuses(&vanish, Some("relay.test")), None);
+        assert!(m.refuses(&vanish, Some("other.test")).is_some());
+        let everywhere = alice.sign(2, Kind(62), relay("ALL_RELAYS"), "");
+        assert_eq!(m.refuses(&everywhere, None), None);
         m.banned_pubkeys.clear();
         m.banned_events.insert(note.id, String::new());
         assert_eq!(
-            m.refuses(&note).as_deref(),
+            m.refuses(&note, None).as_deref(),
             Some("blocked: this event is banned")
         );
     }

@@ -310,6 +310,14 @@ async fn every_method_takes_effect_on_every_gateway_and_survives_restarts() {
     .await;
     until_publish(&mut c1, &mallory, Kind(1), false, "only allowed pubkeys").await;
     assert!(c1.publish(&note(&alice, now(), "allowed")).await.accepted);
+    // NIP-62: a pubkey that may not post can still vanish.
+    let all_relays = vec![vec!["relay".to_owned(), "ALL_RELAYS".to_owned()]];
+    let vanish = Keys::generate().sign(now(), Kind(62), all_relays, "");
+    let ack = c1.publish(&vanish).await;
+    assert!(
+        ack.accepted,
+        "a request to vanish from a pubkey not allowed: {ack:?}"
+    );
     // NIP-11: a pubkey allow list restricts writes.
     assert_eq!(nip11(g1).await["limitation"]["restricted_writes"], true);
     assert_eq!(

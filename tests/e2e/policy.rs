@@ -383,7 +383,11 @@ async fn nip42_auth_to_write_and_to_read() {
             .await
             .is_err_and(|m| m.starts_with("auth-required:"))
     );
+    // NIP-62: a request to vanish is followed without AUTH.
+    let vanish = keys.sign(now(), Kind(62), vec![tag("relay", "ALL_RELAYS")], "");
+    assert!(c.publish(&vanish).await.accepted);
     assert!(c.auth(&keys).await.accepted);
+    let ev = note(&keys, now() + 1, "needs auth");
     assert!(c.publish(&ev).await.accepted);
     assert_eq!(
         c.req("r", &[json!({"ids": [ev.id.to_hex()]})]).await,
@@ -687,9 +691,17 @@ async fn nip62_request_to_vanish() {
         .await,
         vec![bobs]
     );
-    // Older events cannot be re-published; newer ones can.
+    // Older events cannot be re-published, nor can the gift wraps to alice; newer ones can.
     assert!(refused(&c.publish(&old).await, "blocked:"));
+    assert!(refused(&c.publish(&wrap_to_alice).await, "blocked:"));
     assert!(c.publish(&note(&alice, t + 20, "new start")).await.accepted);
+    let new_wrap = bob.sign(
+        t + 20,
+        Kind(1059),
+        vec![tag("p", &alice.pubkey().to_hex())],
+        "new gift",
+    );
+    assert!(c.publish(&new_wrap).await.accepted);
     // ALL_RELAYS works too.
     let global = bob.sign(now(), Kind(62), vec![tag("relay", "ALL_RELAYS")], "");
     assert!(c.publish(&global).await.accepted);
@@ -714,6 +726,13 @@ async fn nip70_protected_events_only_from_their_authenticated_author() {
     // Unprotected events need no AUTH.
     let mut anon = cluster.client(0).await;
     assert!(anon.publish(&note(&alice, now(), "public")).await.accepted);
+    // A repost must not embed a protected event; one that only points at it is fine.
+    let bob = Keys::generate();
+    let e = tag("e", &protected.id.to_hex());
+    let embedding = bob.sign(now(), Kind(6), vec![e.clone()], protected.to_json());
+    assert!(refused(&anon.publish(&embedding).await, "blocked:"));
+    let pointing = bob.sign(now(), Kind(6), vec![e], "");
+    assert!(anon.publish(&pointing).await.accepted);
 }
 
 #[tokio::test]

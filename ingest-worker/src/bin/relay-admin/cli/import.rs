@@ -168,7 +168,9 @@ impl Importer {
                     Some(("ephemeral", "ephemeral kinds are never stored".to_owned()))
                 }
                 Ok(e) if e.is_expired(now) => Some(("expired", "expired (NIP-40)".to_owned())),
-                Ok(e) => moderation.refuses(e).map(|why| ("blocked", why)),
+                Ok(e) => moderation
+                    .refuses(e, self.relay_host.as_deref())
+                    .map(|why| ("blocked", why)),
             };
             match (refusal, result) {
                 (Some((reason, detail)), _) => self.refuse(&label, reason, &detail),
@@ -183,7 +185,7 @@ impl Importer {
             .map(|((_, event), json)| Pending {
                 event,
                 json,
-                vanish: write::is_vanish_request(event, self.relay_host.as_deref()),
+                vanish: shared::vanish::is_addressed_here(event, self.relay_host.as_deref()),
             })
             .collect();
         let results = write::store_batch(&self.pool, &pending).await;
@@ -195,7 +197,7 @@ impl Importer {
                 Ok(Outcome::Superseded) => self.tally.superseded += 1,
                 Ok(Outcome::Deleted) => self.refuse(label, "deleted", "deleted by its author"),
                 Ok(Outcome::Vanished) => {
-                    self.refuse(label, "vanished", "its author asked to vanish")
+                    self.refuse(label, "vanished", "its author or recipient asked to vanish")
                 }
                 Err(e) => failure = Some(e),
             }
