@@ -137,7 +137,7 @@ pub struct AuthPolicy {
     pub restricted_kinds: String,
     /// How far an AUTH event's `created_at` may be from now, in seconds.
     #[arg(long, env = "RELAY_AUTH_WINDOW_SECS", default_value_t = 600)]
-    pub auth_window_secs: i64,
+    pub auth_window_secs: u64,
 }
 
 impl AuthPolicy {
@@ -237,6 +237,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         self.auth.restricted()?;
         self.admin.admins()?;
+        if self.auth.auth_window_secs == 0 {
+            return Err("RELAY_AUTH_WINDOW_SECS must be at least 1".into());
+        }
         if self.admin.admin_auth_window_secs == 0 {
             return Err("RELAY_ADMIN_AUTH_WINDOW_SECS must be at least 1".into());
         }

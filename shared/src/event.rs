@@ -437,6 +437,12 @@ impl Event {
         self.expiration().is_some_and(|at| at <= now)
     }
 
+    /// Whether `created_at` is at most `secs` seconds before or after `now`: the time window
+    /// of signed challenges (NIP-42 `AUTH`, NIP-98 authorization).
+    pub fn created_within(&self, now: i64, secs: u64) -> bool {
+        self.created_at.abs_diff(now) <= secs
+    }
+
     /// NIP-70: whether the event carries the `["-"]` tag.
     pub fn is_protected(&self) -> bool {
         self.tags.iter().any(|t| t.len() == 1 && t[0] == "-")

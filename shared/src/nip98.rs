@@ -102,7 +102,7 @@ pub fn verify_event(
     if event.kind != HTTP_AUTH_KIND {
         return Err(AuthError::Kind);
     }
-    if event.created_at.abs_diff(now) > max_skew_secs {
+    if !event.created_within(now, max_skew_secs) {
         return Err(AuthError::Stale { max_skew_secs });
     }
     let expected_url = normalize_url(request.url);

@@ -36,7 +36,7 @@ impl Authenticate {
             return Err("invalid: an AUTH event must be of kind 22242".into());
         }
         let window = session.state.config.auth.auth_window_secs;
-        if (ev.created_at - shared::unix_now()).abs() > window {
+        if !ev.created_within(shared::unix_now(), window) {
             return Err(format!(
                 "invalid: created_at must be within {window} seconds of now"
             ));
