@@ -20,13 +20,12 @@ pub struct Ingest {
     /// This relay's host, for NIP-62 requests addressed to it.
     relay_host: Option<String>,
     purge_every: std::time::Duration,
+    /// Most expired events deleted by one purge statement.
+    purge_batch: i64,
     /// The moderation state (NIP-86), followed from Redis.
     moderation: Current,
     redis_url: String,
 }
-
-/// Most expired events deleted by one purge statement.
-const PURGE_BATCH: i64 = 10_000;
 
 impl Ingest {
     /// A handler for this configuration.
@@ -34,6 +33,7 @@ impl Ingest {
         Ingest {
             relay_host: config.public.public_url.as_deref().map(relay_host),
             purge_every: std::time::Duration::from_secs(config.expiry_purge_secs),
+            purge_batch: config.expiry_purge_batch,
             moderation: Current::default(),
             redis_url: config.bus.redis_url.clone(),
         }
@@ -41,12 +41,12 @@ impl Ingest {
 }
 
 /// Deletes expired events every `every`, in bounded statements.
-async fn purge_loop(db: deadpool_postgres::Pool, every: std::time::Duration) {
+async fn purge_loop(db: deadpool_postgres::Pool, every: std::time::Duration, batch: i64) {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
         loop {
-            match write::purge_expired(&db, shared::unix_now(), PURGE_BATCH).await {
+            match write::purge_expired(&db, shared::unix_now(), batch).await {
                 Ok(n) if n > 0 => tracing::info!(purged = n, "deleted expired events"),
                 Ok(_) => break,
                 Err(e) => {
@@ -83,7 +83,11 @@ impl Handler for Ingest {
             ctx.bus.clone(),
         ));
         if !self.purge_every.is_zero() {
-            tokio::spawn(purge_loop(ctx.db.clone(), self.purge_every));
+            tokio::spawn(purge_loop(
+                ctx.db.clone(),
+                self.purge_every,
+                self.purge_batch,
+            ));
         }
     }
 

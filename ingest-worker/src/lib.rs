@@ -42,6 +42,11 @@ pub struct Config {
     /// are still never served).
     #[arg(long, env = "RELAY_EXPIRY_PURGE_SECS", default_value_t = 60)]
     pub expiry_purge_secs: u64,
+    /// Most expired events one purge statement deletes; a purge repeats statements until
+    /// none are left, so this bounds each statement's locks and WAL, not the purge.
+    #[arg(long, env = "RELAY_EXPIRY_PURGE_BATCH", default_value_t = 10_000,
+          value_parser = clap::value_parser!(i64).range(1..))]
+    pub expiry_purge_batch: i64,
     #[command(flatten)]
     pub log: LogConfig,
     #[command(flatten)]
