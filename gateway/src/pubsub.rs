@@ -139,6 +139,7 @@ fn deliver_reply(state: &AppState, channel: &str, reply: GatewayReply) {
         }
         GatewayReply::Count {
             conn,
+            req,
             query_id,
             result,
         } => {
@@ -146,7 +147,7 @@ fn deliver_reply(state: &AppState, channel: &str, reply: GatewayReply) {
                 Ok(n) => count_frame(&query_id, n),
                 Err(message) => closed_frame(&query_id, &message),
             };
-            state.registry.count(conn, &query_id, frame);
+            state.registry.count(conn, req, query_id, frame);
         }
         GatewayReply::Neg {
             conn,

@@ -67,16 +67,16 @@ struct Conn {
     authed: Vec<PubKey>,
     /// Events sent to the bus whose `OK` has not come yet.
     pending_ok: Awaited<EventId>,
-    /// `COUNT`s sent to the bus and not answered yet.
-    pending_count: Awaited<SubId>,
+    /// `COUNT`s sent to the bus and not answered yet, by request (ids may repeat).
+    pending_count: Awaited<(ReqId, SubId)>,
     /// NIP-77 negentropy sessions, by their own ids (not `REQ` ids).
     neg: HashMap<SubId, NegSession>,
 }
 
 /// Requests sent to the bus whose answers have not come yet: each key's deadlines, oldest
-/// first. A key may be awaited more than once (the same event published twice, two `COUNT`s
-/// with one id), and each request gets exactly one answer: the worker's or, once its
-/// deadline passes, the gateway's own `error:`.
+/// first. A key may be awaited more than once (the same event published twice), and each
+/// request gets exactly one answer: the worker's or, once its deadline passes, the
+/// gateway's own `error:`.
 struct Awaited<K>(HashMap<K, VecDeque<Instant>>);
 
 impl<K> Default for Awaited<K> {
@@ -467,20 +467,21 @@ impl Registry {
         }
     }
 
-    /// Notes that a `COUNT` went to the bus. A second `COUNT` with the same id while the
-    /// first is awaited gets an answer of its own.
-    pub fn expect_count(&self, conn: ConnId, query_id: SubId) {
+    /// Notes that a `COUNT` (request `req`) is about to go to the bus. Each `COUNT` gets its
+    /// own answer, even when a client reuses an id.
+    pub fn expect_count(&self, conn: ConnId, req: ReqId, query_id: SubId) {
         let deadline = Instant::now() + self.limits.reply_timeout;
         if let Some(c) = self.lock().conns.get_mut(&conn) {
-            c.pending_count.expect(query_id, deadline);
+            c.pending_count.expect((req, query_id), deadline);
         }
     }
 
-    /// Delivers a `COUNT` answer (or its `CLOSED`) if it is still awaited.
-    pub fn count(&self, conn: ConnId, query_id: &SubId, frame: String) {
+    /// Delivers the answer to `COUNT` request `req` (or its `CLOSED`) if it is still
+    /// awaited: not after the gateway answered `error:` on its own.
+    pub fn count(&self, conn: ConnId, req: ReqId, query_id: SubId, frame: String) {
         let mut inner = self.lock();
         if let Some(c) = inner.conns.get_mut(&conn)
-            && c.pending_count.answer(query_id)
+            && c.pending_count.answer(&(req, query_id))
         {
             push(conn, &c.handle, frame);
         }
@@ -588,7 +589,7 @@ impl Registry {
                 );
                 push(conn, &c.handle, frame);
             }
-            for q in c.pending_count.expire(now) {
+            for (_, q) in c.pending_count.expire(now) {
                 push(
                     conn,
                     &c.handle,
@@ -850,7 +851,7 @@ mod tests {
             vec![filter(serde_json::json!({}))],
             false,
         );
-        reg.expect_count(ConnId(1), SubId::new("c").expect("valid"));
+        reg.expect_count(ConnId(1), ReqId(2), SubId::new("c").expect("valid"));
         reg.ok(ConnId(1), ev.id, "first".into());
         reg.expire(Instant::now());
         assert_eq!(
@@ -878,22 +879,27 @@ mod tests {
     }
 
     #[test]
-    fn two_counts_with_one_id_get_an_answer_each() {
+    fn counts_with_one_id_get_their_own_answers() {
         let (reg, mut rx) = registry();
         let q = SubId::new("c").expect("valid");
-        reg.expect_count(ConnId(1), q.clone());
-        reg.expect_count(ConnId(1), q.clone());
-        reg.count(ConnId(1), &q, "first".into());
-        reg.count(ConnId(1), &q, "second".into());
-        reg.count(ConnId(1), &q, "third".into());
-        assert_eq!(texts(&mut rx), vec!["first", "second"]);
-        reg.expect_count(ConnId(1), q.clone());
-        reg.expect_count(ConnId(1), q.clone());
-        reg.count(ConnId(1), &q, "answered".into());
+        reg.expect_count(ConnId(1), ReqId(1), q.clone());
+        reg.expect_count(ConnId(1), ReqId(2), q.clone());
+        reg.count(ConnId(1), ReqId(2), q.clone(), "second".into());
+        reg.count(ConnId(1), ReqId(1), q.clone(), "first".into());
+        reg.count(ConnId(1), ReqId(1), q.clone(), "again".into());
+        assert_eq!(texts(&mut rx), vec!["second", "first"]);
+        // A COUNT that timed out: its late answer is not taken for the next one's.
+        reg.expect_count(ConnId(1), ReqId(3), q.clone());
         reg.expire(Instant::now() + Duration::from_secs(6));
         let got = texts(&mut rx);
-        assert_eq!(got.len(), 2, "one answer, one timeout: {got:?}");
-        assert!(got[1].starts_with("[\"CLOSED\"") && got[1].contains("error:"));
+        assert!(
+            got.len() == 1 && got[0].starts_with("[\"CLOSED\""),
+            "{got:?}"
+        );
+        reg.expect_count(ConnId(1), ReqId(4), q.clone());
+        reg.count(ConnId(1), ReqId(3), q.clone(), "late".into());
+        reg.count(ConnId(1), ReqId(4), q.clone(), "fourth".into());
+        assert_eq!(texts(&mut rx), vec!["fourth"]);
     }
 
     #[test]

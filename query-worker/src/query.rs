@@ -95,6 +95,7 @@ impl Query {
                 });
                 vec![bus::encode(&GatewayReply::Count {
                     conn: req.conn,
+                    req: req.req,
                     query_id: req.sub_id.clone(),
                     result,
                 })]

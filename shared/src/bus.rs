@@ -243,6 +243,9 @@ pub enum GatewayReply {
     Count {
         /// The connection.
         conn: ConnId,
+        /// The request this answers: a late answer to an earlier `COUNT` with the same id
+        /// is not taken for a later one's.
+        req: ReqId,
         /// The `COUNT`'s id.
         query_id: SubId,
         /// The count, or why there is none.

@@ -27,10 +27,10 @@ impl Count {
             return;
         }
         let state = &session.state;
+        let req = ReqId(state.next_id());
         state
             .registry
-            .expect_count(session.conn, self.query_id.clone());
-        let req = ReqId(state.next_id());
+            .expect_count(session.conn, req, self.query_id.clone());
         let added = send_query(
             session,
             req,
@@ -44,7 +44,9 @@ impl Count {
             tracing::warn!(error = %e, "cannot publish count query");
             let reason = "error: the relay cannot count right now; try again";
             let frame = closed_frame(&self.query_id, reason);
-            state.registry.count(session.conn, &self.query_id, frame);
+            state
+                .registry
+                .count(session.conn, req, self.query_id, frame);
         }
     }
 }
