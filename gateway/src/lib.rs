@@ -61,7 +61,8 @@ pub struct AppState {
     pub stopping: watch::Receiver<bool>,
     /// Read-restricted kinds (from the validated configuration).
     pub restricted_kinds: Vec<Kind>,
-    /// This relay's host for NIP-42, when configured (else taken from each request).
+    /// This relay's host, when `RELAY_PUBLIC_URL` is set: for NIP-42 (else taken from each
+    /// request) and for NIP-62 requests to vanish (else only `ALL_RELAYS` ones are).
     pub relay_host: Option<String>,
     /// Renders `/metrics`.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,

@@ -175,11 +175,11 @@ impl Handler for Ingest {
                             false,
                             "duplicate: a newer version of this replaceable event is already stored".into(),
                         ),
-                        Ok(Outcome::Deleted) => ("deleted", false, "blocked: this event was deleted by its author".into()),
+                        Ok(Outcome::Deleted) => ("deleted", false, "blocked: this event was deleted and may not be published again".into()),
                         Ok(Outcome::Vanished) => (
                             "vanished",
                             false,
-                            "blocked: a request to vanish (NIP-62) deleted this event".into(),
+                            "blocked: the author asked this relay to delete their events".into(),
                         ),
                         Ok(Outcome::VanishedNow) => ("vanish_request", true, String::new()),
                         Err(e) => {

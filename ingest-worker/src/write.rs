@@ -6,7 +6,7 @@
 //! for ordinary events, exclusive for deletions and requests to vanish. So a deletion and a
 //! re-publication of the deleted event, handled by two workers at once, cannot both win. A
 //! gift wrap also holds its recipients' shared locks, as a request to vanish deletes the
-//! wraps addressed to its author.
+//! wraps addressed to its author: so a wrap stored meanwhile cannot escape the deletion.
 
 use deadpool_postgres::{GenericClient, Pool, Transaction};
 use shared::event::{Event, EventId, Kind, KindClass, PubKey};
@@ -23,10 +23,10 @@ pub enum Outcome {
     /// A replaceable or addressable event older than (or tied with a lower id than) the
     /// version already stored; not stored.
     Superseded,
-    /// Deleted by its author (NIP-09) earlier; not stored again.
+    /// Deleted earlier, by its author (NIP-09) or as a gift wrap to someone who asked to
+    /// vanish (NIP-62); not stored again.
     Deleted,
-    /// Its author, or for a gift wrap its recipient, asked this relay to vanish (NIP-62);
-    /// not stored.
+    /// Its author asked this relay to vanish (NIP-62); not stored.
     Vanished,
     /// A request to vanish addressed to this relay: the author's events are gone.
     VanishedNow,
@@ -47,19 +47,12 @@ pub struct Pending<'a> {
 const MAX_INDEXED_TAG_VALUE: usize = 1024;
 
 const LOCK_SHARED: &str = "SELECT pg_advisory_xact_lock_shared($1)";
-const LOCK_SHARED_ALL: &str =
-    "SELECT pg_advisory_xact_lock_shared(k) FROM unnest($1::bigint[]) AS k";
 const LOCK_EXCLUSIVE: &str = "SELECT pg_advisory_xact_lock($1)";
 
 const REFUSED: &str = "SELECT \
      EXISTS (SELECT 1 FROM deleted_events WHERE id = $1 AND pubkey = $2), \
      EXISTS (SELECT 1 FROM vanished WHERE pubkey = $2 AND until >= $3), \
      EXISTS (SELECT 1 FROM deleted_addresses WHERE pubkey = $2 AND kind = $4 AND d_tag = $5 AND until >= $3)";
-
-/// NIP-62: whether a gift wrap created at `$2` is addressed to one of `$1` (pubkeys) that
-/// asked to vanish since: [`VANISH_GIFT_WRAPS`] deleted it, and it may not come back.
-const WRAP_VANISHED: &str =
-    "SELECT EXISTS (SELECT 1 FROM vanished WHERE pubkey = ANY($1) AND until >= $2)";
 
 /// Takes the same parameters as [`UPSERT_REPLACEABLE`] and returns the same columns; `$8`
 /// (the `d` tag) is NULL for kinds that are not replaced.
@@ -96,8 +89,14 @@ const TOMBSTONE_ADDRESS: &str = "INSERT INTO deleted_addresses (pubkey, kind, d_
 
 const VANISH_EVENTS: &str = "DELETE FROM events WHERE pubkey = $1 AND created_at <= $2";
 
-const VANISH_GIFT_WRAPS: &str = "DELETE FROM events WHERE kind = 1059 AND created_at <= $1 \
-     AND seq IN (SELECT event_seq FROM tags WHERE name = 'p' AND value = $2)";
+/// Deletes the gift wraps addressed to `$2` (hex) up to `$1` and tombstones them like NIP-09
+/// deletions, so they cannot be published again; new wraps to the pubkey still can.
+const VANISH_GIFT_WRAPS: &str = "WITH gone AS ( \
+         DELETE FROM events WHERE kind = 1059 AND created_at <= $1 \
+         AND seq IN (SELECT event_seq FROM tags WHERE name = 'p' AND value = $2) \
+         RETURNING id, pubkey) \
+     INSERT INTO deleted_events (id, pubkey) SELECT id, pubkey FROM gone \
+     ON CONFLICT (id, pubkey) DO NOTHING";
 
 const RECORD_VANISH: &str = "INSERT INTO vanished (pubkey, until, request) VALUES ($1, $2, $3) \
      ON CONFLICT (pubkey) DO UPDATE SET until = GREATEST(vanished.until, EXCLUDED.until), request = EXCLUDED.request";
@@ -141,13 +140,9 @@ fn author_lock(pubkey: &PubKey) -> i64 {
 }
 
 /// Whether an event takes the set-based path: a regular kind that deletes nothing. The
-/// others (replaceable, addressable, deletions, requests to vanish, gift wraps with
-/// recipients) go one by one.
+/// others (replaceable, addressable, deletions, requests to vanish) go one by one.
 fn is_simple(p: &Pending<'_>) -> bool {
-    p.event.replace_key().is_none()
-        && p.event.kind != Kind(5)
-        && !p.vanish
-        && wrap_recipients(p.event).is_empty()
+    p.event.replace_key().is_none() && p.event.kind != Kind(5) && !p.vanish
 }
 
 /// The pubkeys a gift wrap (NIP-59, kind 1059) is addressed to, as [`VANISH_GIFT_WRAPS`]
@@ -229,7 +224,8 @@ const STORE_REGULAR: &str = "SELECT event_id, outcome \
 
 /// The batch's regular events as the columns [`STORE_REGULAR`] takes, each event once.
 struct Columns<'a> {
-    /// The authors' advisory lock keys, sorted (locks are taken in key order).
+    /// The advisory lock keys of the authors and of gift wraps' recipients, sorted (locks
+    /// are taken in key order), each once.
     keys: Vec<i64>,
     ids: Vec<&'a [u8]>,
     pubkeys: Vec<&'a [u8]>,
@@ -248,9 +244,15 @@ struct Columns<'a> {
 
 impl<'a> Columns<'a> {
     fn new(batch: &[Pending<'a>], simple: &[usize]) -> Self {
+        // The authors' keys, and the recipients' of gift wraps (see the module's invariant).
         let mut keys: Vec<i64> = simple
             .iter()
-            .map(|&i| author_lock(&batch[i].event.pubkey))
+            .flat_map(|&i| {
+                let event = batch[i].event;
+                let recipients = wrap_recipients(event);
+                std::iter::once(author_lock(&event.pubkey))
+                    .chain(recipients.into_iter().map(|pk| author_lock(&pk)))
+            })
             .collect();
         keys.sort_unstable();
         keys.dedup();
@@ -359,9 +361,6 @@ async fn store_one(tx: &Transaction<'_>, pending: &Pending<'_>) -> Result<Outcom
         &[&author_lock(&event.pubkey)],
     )
     .await?;
-    if wraps_vanished(tx, event).await? {
-        return Ok(Outcome::Vanished);
-    }
 
     let refused = tx
         .query_one(
@@ -434,32 +433,6 @@ async fn store_one(tx: &Transaction<'_>, pending: &Pending<'_>) -> Result<Outcom
         apply_deletion(tx, event).await?;
     }
     Ok(Outcome::Stored)
-}
-
-/// NIP-62: whether `event` is a gift wrap addressed to someone who asked to vanish since
-/// (so [`vanish`] deleted it). Takes the recipients' shared locks first, so a request to
-/// vanish committing meanwhile is seen.
-async fn wraps_vanished(tx: &Transaction<'_>, event: &Event) -> Result<bool, StoreError> {
-    let recipients = wrap_recipients(event);
-    if recipients.is_empty() {
-        return Ok(false);
-    }
-    let mut keys: Vec<i64> = recipients.iter().map(author_lock).collect();
-    keys.sort_unstable();
-    keys.dedup();
-    tx.execute(&tx.prepare_cached(LOCK_SHARED_ALL).await?, &[&keys])
-        .await?;
-    let pubkeys: Vec<&[u8]> = recipients
-        .iter()
-        .map(|pk| pk.as_bytes().as_slice())
-        .collect();
-    let row = tx
-        .query_one(
-            &tx.prepare_cached(WRAP_VANISHED).await?,
-            &[&pubkeys, &event.created_at],
-        )
-        .await?;
-    Ok(row.get(0))
 }
 
 /// NIP-09: deletes the author's own events named by `e` tags, and every version up to the

@@ -195,9 +195,9 @@ impl Importer {
                 Ok(Outcome::Stored | Outcome::VanishedNow) => self.tally.accepted += 1,
                 Ok(Outcome::Duplicate) => self.tally.duplicate += 1,
                 Ok(Outcome::Superseded) => self.tally.superseded += 1,
-                Ok(Outcome::Deleted) => self.refuse(label, "deleted", "deleted by its author"),
+                Ok(Outcome::Deleted) => self.refuse(label, "deleted", "deleted (NIP-09 or NIP-62)"),
                 Ok(Outcome::Vanished) => {
-                    self.refuse(label, "vanished", "its author or recipient asked to vanish")
+                    self.refuse(label, "vanished", "its author asked to vanish")
                 }
                 Err(e) => failure = Some(e),
             }
