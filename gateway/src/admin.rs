@@ -37,7 +37,8 @@ pub const RPC_CONTENT_TYPE: &str = "application/nostr+json+rpc";
 type ReadParams = fn(&Params<'_>) -> Result<Call, String>;
 
 /// Every method this relay answers, in the order `supportedmethods` lists them (all but
-/// itself), with how its parameters are read. The only list of method names: [`parse`] looks methods up here.
+/// itself), with how its parameters are read. The only list of method names: [`parse`]
+/// looks methods up here.
 const METHODS: &[(&str, ReadParams)] = &[
     ("supportedmethods", |_| Ok(Call::SupportedMethods)),
     ("banpubkey", |p| {

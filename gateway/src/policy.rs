@@ -11,7 +11,8 @@ use crate::session::Session;
 pub const AUTH_KIND: Kind = Kind(22242);
 
 /// Checks an event against the configured limits and policies (NIP-01 limits, NIP-13,
-/// NIP-40, NIP-42 write policy, NIP-70 (and reposts embedding protected events), NIP-86 bans and allow lists).
+/// NIP-40, NIP-42 write policy, NIP-70 and reposts embedding protected events, NIP-86 bans
+/// and allow lists, which a NIP-62 request to vanish addressed here passes).
 pub fn check_event(session: &Session, event: &Event) -> Result<(), String> {
     let c = &session.state.config;
     let limits = &c.event_limits;
