@@ -98,6 +98,12 @@ pub struct Limits {
     /// A worker counts as alive for `/readyz` if its heartbeat is younger than this, in ms.
     #[arg(long, env = "RELAY_WORKER_FRESH_MS", default_value_t = 6000)]
     pub worker_fresh_ms: u64,
+    /// Most events in one ingest stream entry: events that arrive while the previous entry
+    /// is being appended go together in the next (never waiting for more). An entry also
+    /// stops growing past `RELAY_MAX_MESSAGE_BYTES`. 1 appends each event on its own.
+    #[arg(long, env = "RELAY_INGEST_ENTRY_EVENTS", default_value_t = 32,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub ingest_entry_events: u16,
 }
 
 /// What an event may look like; each violation gets `OK false` with the prefix named.

@@ -19,6 +19,7 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod policy;
+pub mod publisher;
 pub mod pubsub;
 pub mod ratelimit;
 pub mod registry;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub gateway: GatewayId,
     /// Connection for publishing commands (self-reconnecting).
     pub redis: ConnectionManager,
+    /// Appends published events to the ingest streams, several per entry.
+    pub publisher: publisher::Publisher,
     /// Connections and subscriptions.
     pub registry: Registry,
     /// Whether the reply/live subscriber is connected.
@@ -110,11 +113,17 @@ pub async fn run(
         .public_url
         .as_deref()
         .map(shared::config::relay_host);
+    let publisher = publisher::Publisher::start(
+        redis.clone(),
+        usize::from(config.limits.ingest_entry_events),
+        config.limits.max_message_bytes,
+    );
     let state = Arc::new(AppState {
         config,
         bus,
         gateway,
         redis,
+        publisher,
         registry: Registry::new(
             limits,
             LivePolicy {

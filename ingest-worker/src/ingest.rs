@@ -199,28 +199,32 @@ impl Handler for Ingest {
     }
 }
 
+/// The events of every entry (one, or a gateway's batch), in order, each with the span
+/// that continues its trace. Admin entries are handled elsewhere.
 fn decode_all(entries: &[Entry]) -> Vec<(GatewayId, ConnId, Box<RawValue>, tracing::Span)> {
-    entries
-        .iter()
-        .filter(|entry| !entry.payload.as_deref().is_some_and(is_admin_entry))
-        .filter_map(|entry| {
-            let decoded = entry.payload.as_deref().map(bus::decode::<IngestRequest>);
+    let mut out = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let Some(payload) = entry.payload.as_deref() else {
+            tracing::warn!(entry = %entry.id, "dropping ingest entry without payload");
+            continue;
+        };
+        if is_admin_entry(payload) {
+            continue;
+        }
+        for decoded in bus::decode_batch::<IngestRequest>(payload) {
             match decoded {
-                Some(Ok(req)) => {
-                    let span = shared::worker::process_span(entry, shared::bus::INGEST_GROUP, &req.trace);
-                    Some((req.gateway, req.conn, req.event, span))
+                Ok(req) => {
+                    let span =
+                        shared::worker::process_span(entry, shared::bus::INGEST_GROUP, &req.trace);
+                    out.push((req.gateway, req.conn, req.event, span));
                 }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, entry = %entry.id, "dropping undecodable ingest entry");
-                    None
-                }
-                None => {
-                    tracing::warn!(entry = %entry.id, "dropping ingest entry without payload");
-                    None
+                Err(e) => {
+                    tracing::warn!(error = %e, entry = %entry.id, "dropping undecodable ingest request");
                 }
             }
-        })
-        .collect()
+        }
+    }
+    out
 }
 
 /// Batches up to this many events are verified on the loop's own thread (at most about
@@ -351,5 +355,48 @@ impl Replies {
             }
         }
         pipe
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, payload: &str) -> Entry {
+        Entry {
+            stream: "t:ingest:0".into(),
+            id: id.into(),
+            payload: Some(payload.into()),
+        }
+    }
+
+    fn request(conn: u64, event: &str) -> String {
+        format!(r#"{{"gateway":"g","conn":{conn},"event":{event}}}"#)
+    }
+
+    #[test]
+    fn entries_of_one_event_and_of_a_batch_decode_in_order() {
+        let batch = format!(
+            "[{},{},{}]",
+            request(2, r#"{"n":2}"#),
+            "{\"not\":\"a request\"}",
+            request(3, r#"{"n":3}"#)
+        );
+        let entries = [
+            entry("1-0", &request(1, r#"{"n":1}"#)),
+            entry("2-0", &batch),
+            entry("3-0", r#"{"admin":{}}"#),
+        ];
+        let decoded = decode_all(&entries);
+        let got: Vec<(u64, &str)> = decoded
+            .iter()
+            .map(|(_, conn, event, _)| (conn.0, event.get()))
+            .collect();
+        // The undecodable request in the batch costs only itself; admin entries are
+        // handled elsewhere.
+        assert_eq!(
+            got,
+            vec![(1, r#"{"n":1}"#), (2, r#"{"n":2}"#), (3, r#"{"n":3}"#)]
+        );
     }
 }

@@ -2,7 +2,8 @@
 //! the envelopes that travel on them, and the small Redis client pieces all binaries share.
 //!
 //! ```text
-//! <prefix>:ingest:<shard>   stream   gateway → ingest workers   IngestRequest   group "ingest"
+//! <prefix>:ingest:<shard>   stream   gateway → ingest workers   IngestRequest, or a Batch
+//!                                                                 of them   group "ingest"
 //! <prefix>:query:<shard>    stream   gateway → query workers    QueryRequest    group "query"
 //! <prefix>:gw:<gateway id>  channel  workers → one gateway      GatewayReply, or a Batch
 //! <prefix>:live             channel  ingest workers → gateways  a Batch of LiveEvent
@@ -13,9 +14,11 @@
 //! <prefix>:admin:<gateway>  channel  ingest workers → one gateway   AdminReply
 //! ```
 //!
-//! Stream entries carry one field, [`ENTRY_FIELD`], holding the envelope as JSON. Channel
-//! messages are the envelope as JSON, or a [`Batch`] of envelopes as a JSON array: ingest
-//! workers send one message per channel per batch. Readers accept both ([`decode_batch`]).
+//! Stream entries carry one field, [`ENTRY_FIELD`], holding the envelope as JSON; an ingest
+//! entry may hold a [`Batch`] of `IngestRequest`s instead (a gateway puts the events that
+//! arrived together in one entry). Channel messages are the envelope as JSON, or a [`Batch`]
+//! of envelopes as a JSON array: ingest workers send one message per channel per batch.
+//! Readers accept both ([`decode_batch`]).
 //! Event JSON inside envelopes is carried verbatim ([`RawValue`]) so it is serialized once,
 //! by the gateway, and never again.
 
@@ -326,6 +329,23 @@ impl Batch {
         serde_json::to_writer(&mut self.json, envelope).expect("envelope serializes");
     }
 
+    /// Appends an envelope already serialized with [`encode`].
+    pub fn push_encoded(&mut self, envelope: &str) {
+        self.json
+            .push(if self.json.is_empty() { b'[' } else { b',' });
+        self.json.extend_from_slice(envelope.as_bytes());
+    }
+
+    /// Bytes gathered so far.
+    pub fn len(&self) -> usize {
+        self.json.len()
+    }
+
+    /// Whether nothing was pushed.
+    pub fn is_empty(&self) -> bool {
+        self.json.is_empty()
+    }
+
     /// The message to publish (JSON text), or `None` if nothing was pushed.
     pub fn finish(mut self) -> Option<Vec<u8>> {
         if self.json.is_empty() {
@@ -502,6 +522,19 @@ pub async fn add_entry(
     envelope: &str,
 ) -> Result<(), BusError> {
     let _: String = conn.xadd(stream, "*", &[(ENTRY_FIELD, envelope)]).await?;
+    Ok(())
+}
+
+/// Appends entries, each `(stream, payload)`, in one round trip and in order.
+pub async fn add_entries(
+    conn: &mut ConnectionManager,
+    entries: &[(&str, &[u8])],
+) -> Result<(), BusError> {
+    let mut pipe = redis::pipe();
+    for (stream, payload) in entries {
+        pipe.xadd(*stream, "*", &[(ENTRY_FIELD, *payload)]).ignore();
+    }
+    let () = pipe.query_async(conn).await?;
     Ok(())
 }
 

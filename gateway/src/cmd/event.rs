@@ -66,9 +66,10 @@ impl Publish {
             event: json,
             trace: TraceContext::of(&send),
         };
-        let mut redis = state.redis.clone();
         state.registry.expect_ok(session.conn, id);
-        let added = bus::add_entry(&mut redis, &stream, &bus::encode(&request))
+        let added = state
+            .publisher
+            .publish(stream, bus::encode(&request))
             .instrument(send)
             .await;
         if let Err(e) = added {

@@ -1,0 +1,228 @@
+//! Appends published events to the ingest streams, gathering the events that arrive together
+//! into one stream entry (a [`Batch`]) per shard.
+//!
+//! Each `EVENT` still waits until its event is in the stream (or Redis refused it), as with
+//! one entry per event; but one `XADD` now carries every event queued while the previous
+//! one was on its way, so Redis, this gateway and the ingest workers handle a few entries
+//! instead of one per event. Nothing waits for a batch to fill: a lone event goes at once.
+
+use redis::aio::ConnectionManager;
+use shared::bus::{self, Batch, BusError};
+use tokio::sync::{mpsc, oneshot};
+
+/// Where a session waits to hear whether its event was appended (or why not).
+type Answer = oneshot::Sender<Result<(), String>>;
+
+/// An event waiting to be appended: its stream, its encoded [`bus::IngestRequest`], and
+/// where to say how the append went.
+struct Queued {
+    stream: String,
+    envelope: String,
+    done: Answer,
+}
+
+/// The handle sessions publish through; cheap to share.
+pub struct Publisher {
+    queue: mpsc::UnboundedSender<Queued>,
+}
+
+impl Publisher {
+    /// Starts the task that appends queued events. An entry holds at most `max_events`
+    /// events and stops growing once it reaches `max_bytes`. The queue is bounded by the
+    /// sessions themselves: each has at most one event queued, since it waits for the answer.
+    pub fn start(redis: ConnectionManager, max_events: usize, max_bytes: usize) -> Self {
+        let (queue, rx) = mpsc::unbounded_channel();
+        tokio::spawn(append_loop(redis, rx, max_events.max(1), max_bytes));
+        Publisher { queue }
+    }
+
+    /// Appends one encoded [`bus::IngestRequest`] to `stream`; returns once it is there, or
+    /// why it is not.
+    pub async fn publish(&self, stream: String, envelope: String) -> Result<(), String> {
+        let (done, answer) = oneshot::channel();
+        let queued = Queued {
+            stream,
+            envelope,
+            done,
+        };
+        let stopped = || "the ingest publisher stopped".to_owned();
+        self.queue.send(queued).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+/// One entry being gathered: its stream, its events, and whom to answer.
+struct Entry {
+    stream: String,
+    events: Batch,
+    /// The only event's envelope while there is just one (sent as is, not as a batch).
+    single: Option<String>,
+    waiting: Vec<Answer>,
+}
+
+impl Entry {
+    fn new(q: Queued) -> Self {
+        Entry {
+            stream: q.stream,
+            events: Batch::default(),
+            single: Some(q.envelope),
+            waiting: vec![q.done],
+        }
+    }
+
+    fn push(&mut self, q: Queued) {
+        if let Some(first) = self.single.take() {
+            self.events.push_encoded(&first);
+        }
+        self.events.push_encoded(&q.envelope);
+        self.waiting.push(q.done);
+    }
+
+    fn is_full(&self, max_events: usize, max_bytes: usize) -> bool {
+        self.waiting.len() >= max_events || self.events.len() >= max_bytes
+    }
+
+    fn payload(self) -> (String, Vec<u8>, Vec<Answer>) {
+        let payload = match self.single {
+            Some(only) => only.into_bytes(),
+            None => self.events.finish().unwrap_or_default(),
+        };
+        (self.stream, payload, self.waiting)
+    }
+}
+
+/// Takes the first queued event, gathers what else is queued, appends the entries in one
+/// round trip, and answers every event.
+async fn append_loop(
+    mut redis: ConnectionManager,
+    mut rx: mpsc::UnboundedReceiver<Queued>,
+    max_events: usize,
+    max_bytes: usize,
+) {
+    while let Some(first) = rx.recv().await {
+        let entries: Vec<_> = gather(first, &mut rx, max_events, max_bytes)
+            .into_iter()
+            .map(Entry::payload)
+            .collect();
+        let adds: Vec<(&str, &[u8])> = entries
+            .iter()
+            .map(|(stream, payload, _)| (stream.as_str(), payload.as_slice()))
+            .collect();
+        let result = bus::add_entries(&mut redis, &adds)
+            .await
+            .map_err(|e: BusError| e.to_string());
+        for (_, _, waiting) in entries {
+            for done in waiting {
+                // The session may be gone; then nobody waits for the answer.
+                let _ = done.send(result.clone());
+            }
+        }
+    }
+}
+
+/// `first` and the events queued behind it, as entries (one per stream, in order of first
+/// appearance), until the queue is empty or an entry is full.
+fn gather(
+    first: Queued,
+    rx: &mut mpsc::UnboundedReceiver<Queued>,
+    max_events: usize,
+    max_bytes: usize,
+) -> Vec<Entry> {
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut next = Some(first);
+    while let Some(q) = next {
+        let full = match entries.iter_mut().find(|e| e.stream == q.stream) {
+            Some(entry) => {
+                entry.push(q);
+                entry.is_full(max_events, max_bytes)
+            }
+            None => {
+                entries.push(Entry::new(q));
+                max_events == 1
+            }
+        };
+        next = if full { None } else { rx.try_recv().ok() };
+    }
+    entries
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(stream: &str, envelope: &str) -> (Queued, oneshot::Receiver<Result<(), String>>) {
+        let (done, answer) = oneshot::channel();
+        let q = Queued {
+            stream: stream.into(),
+            envelope: envelope.into(),
+            done,
+        };
+        (q, answer)
+    }
+
+    /// Queues `items` behind a first one and gathers; returns each entry's stream and payload.
+    fn gathered(
+        items: &[(&str, &str)],
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Vec<(String, String)> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut answers = Vec::new();
+        for (stream, envelope) in &items[1..] {
+            let (q, answer) = queued(stream, envelope);
+            answers.push(answer);
+            tx.send(q).expect("receiver open");
+        }
+        let (first, _answer) = queued(items[0].0, items[0].1);
+        gather(first, &mut rx, max_events, max_bytes)
+            .into_iter()
+            .map(|e| {
+                let (stream, payload, _) = e.payload();
+                (stream, String::from_utf8(payload).expect("utf-8"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_lone_event_is_its_own_entry() {
+        let got = gathered(&[("s:0", r#"{"a":1}"#)], 32, 1 << 20);
+        assert_eq!(got, vec![("s:0".into(), r#"{"a":1}"#.into())]);
+    }
+
+    #[test]
+    fn queued_events_share_one_entry_per_stream_in_order() {
+        let items = [
+            ("s:0", "{\"a\":1}"),
+            ("s:1", "{\"b\":1}"),
+            ("s:0", "{\"a\":2}"),
+            ("s:0", "{\"a\":3}"),
+        ];
+        let got = gathered(&items, 32, 1 << 20);
+        assert_eq!(
+            got,
+            vec![
+                ("s:0".into(), r#"[{"a":1},{"a":2},{"a":3}]"#.into()),
+                ("s:1".into(), r#"{"b":1}"#.into()),
+            ]
+        );
+        // Each entry reads back as the events in it, in order.
+        let read: Vec<serde_json::Value> = bus::decode_batch(&got[0].1)
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .expect("decodes");
+        assert_eq!(read.len(), 3);
+        assert_eq!(read[2]["a"], 3);
+    }
+
+    #[test]
+    fn a_full_entry_is_sent_and_the_rest_waits() {
+        let items = [("s:0", "{}"), ("s:0", "{}"), ("s:0", "{}"), ("s:0", "{}")];
+        let got = gathered(&items, 2, 1 << 20);
+        assert_eq!(got, vec![("s:0".into(), "[{},{}]".into())]);
+        let got = gathered(&items, 1, 1 << 20);
+        assert_eq!(got, vec![("s:0".into(), "{}".into())]);
+        // Past the byte bound an entry stops growing too.
+        let got = gathered(&items, 32, 4);
+        assert_eq!(got, vec![("s:0".into(), "[{},{}]".into())]);
+    }
+}
