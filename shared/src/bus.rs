@@ -323,17 +323,21 @@ pub struct Batch {
 impl Batch {
     /// Appends an envelope, serialized in place.
     pub fn push<T: Serialize>(&mut self, envelope: &T) {
-        self.json
-            .push(if self.json.is_empty() { b'[' } else { b',' });
+        self.separate();
         // ok: envelopes are strings, integers and already-valid raw JSON (see `encode`).
         serde_json::to_writer(&mut self.json, envelope).expect("envelope serializes");
     }
 
     /// Appends an envelope already serialized with [`encode`].
     pub fn push_encoded(&mut self, envelope: &str) {
+        self.separate();
+        self.json.extend_from_slice(envelope.as_bytes());
+    }
+
+    /// Opens the array, or separates the next envelope from the one before.
+    fn separate(&mut self) {
         self.json
             .push(if self.json.is_empty() { b'[' } else { b',' });
-        self.json.extend_from_slice(envelope.as_bytes());
     }
 
     /// Bytes gathered so far.
