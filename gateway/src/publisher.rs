@@ -2,9 +2,10 @@
 //! into one stream entry (a [`Batch`]) per shard.
 //!
 //! Each `EVENT` still waits until its event is in the stream (or Redis refused it), as with
-//! one entry per event; but one `XADD` now carries every event queued while the previous
-//! one was on its way, so Redis, this gateway and the ingest workers handle a few entries
-//! instead of one per event. Nothing waits for a batch to fill: a lone event goes at once.
+//! one entry per event; but the events queued while the previous append was on its way go
+//! out together, a few entries in one round trip, so Redis, this gateway and the ingest
+//! workers handle entries instead of events. Nothing waits for an entry to fill: a lone
+//! event goes at once.
 
 use redis::aio::ConnectionManager;
 use shared::bus::{self, Batch, BusError};
@@ -92,7 +93,8 @@ impl Entry {
 }
 
 /// Takes the first queued event, gathers what else is queued, appends the entries in one
-/// round trip, and answers every event.
+/// round trip, and answers every event. When the append fails, the events queued meanwhile
+/// get the same answer at once rather than each waiting for Redis in turn.
 async fn append_loop(
     mut redis: ConnectionManager,
     mut rx: mpsc::UnboundedReceiver<Queued>,
@@ -117,11 +119,17 @@ async fn append_loop(
                 let _ = done.send(result.clone());
             }
         }
+        if result.is_err() {
+            while let Ok(q) = rx.try_recv() {
+                let _ = q.done.send(result.clone());
+            }
+        }
     }
 }
 
-/// `first` and the events queued behind it, as entries (one per stream, in order of first
-/// appearance), until the queue is empty or an entry is full.
+/// `first` and every event queued behind it, as entries in order of first appearance: one
+/// open entry per stream, sealed when full and followed by a new one. The queue holds at
+/// most one event per session, so this is bounded.
 fn gather(
     first: Queued,
     rx: &mut mpsc::UnboundedReceiver<Queued>,
@@ -131,17 +139,16 @@ fn gather(
     let mut entries: Vec<Entry> = Vec::new();
     let mut next = Some(first);
     while let Some(q) = next {
-        let full = match entries.iter_mut().find(|e| e.stream == q.stream) {
-            Some(entry) => {
-                entry.push(q);
-                entry.is_full(max_events, max_bytes)
-            }
-            None => {
-                entries.push(Entry::new(q));
-                max_events == 1
-            }
-        };
-        next = if full { None } else { rx.try_recv().ok() };
+        let open = entries
+            .iter_mut()
+            .rev()
+            .find(|e| e.stream == q.stream)
+            .filter(|e| !e.is_full(max_events, max_bytes));
+        match open {
+            Some(entry) => entry.push(q),
+            None => entries.push(Entry::new(q)),
+        }
+        next = rx.try_recv().ok();
     }
     entries
 }
@@ -215,14 +222,25 @@ mod tests {
     }
 
     #[test]
-    fn a_full_entry_is_sent_and_the_rest_waits() {
-        let items = [("s:0", "{}"), ("s:0", "{}"), ("s:0", "{}"), ("s:0", "{}")];
+    fn a_full_entry_is_followed_by_a_new_one() {
+        let items = [
+            ("s:0", "{}"),
+            ("s:0", "{}"),
+            ("s:0", "{}"),
+            ("s:1", "{}"),
+            ("s:0", "{}"),
+        ];
         let got = gathered(&items, 2, 1 << 20);
-        assert_eq!(got, vec![("s:0".into(), "[{},{}]".into())]);
+        let two = || ("s:0".to_owned(), "[{},{}]".to_owned());
+        let one = |s: &str| (s.to_owned(), "{}".to_owned());
+        assert_eq!(got, vec![two(), two(), one("s:1")]);
         let got = gathered(&items, 1, 1 << 20);
-        assert_eq!(got, vec![("s:0".into(), "{}".into())]);
+        assert_eq!(
+            got,
+            vec![one("s:0"), one("s:0"), one("s:0"), one("s:1"), one("s:0")]
+        );
         // Past the byte bound an entry stops growing too.
         let got = gathered(&items, 32, 4);
-        assert_eq!(got, vec![("s:0".into(), "[{},{}]".into())]);
+        assert_eq!(got, vec![two(), two(), one("s:1")]);
     }
 }
