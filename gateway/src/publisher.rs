@@ -52,41 +52,46 @@ impl Publisher {
     }
 }
 
-/// One entry being gathered: its stream, its events, and whom to answer.
+/// One entry being gathered: its stream, its events' envelopes, their size, and whom to
+/// answer.
 struct Entry {
     stream: String,
-    events: Batch,
-    /// The only event's envelope while there is just one (sent as is, not as a batch).
-    single: Option<String>,
+    envelopes: Vec<String>,
+    bytes: usize,
     waiting: Vec<Answer>,
 }
 
 impl Entry {
     fn new(q: Queued) -> Self {
         Entry {
+            bytes: q.envelope.len(),
             stream: q.stream,
-            events: Batch::default(),
-            single: Some(q.envelope),
+            envelopes: vec![q.envelope],
             waiting: vec![q.done],
         }
     }
 
     fn push(&mut self, q: Queued) {
-        if let Some(first) = self.single.take() {
-            self.events.push_encoded(&first);
-        }
-        self.events.push_encoded(&q.envelope);
+        self.bytes += q.envelope.len();
+        self.envelopes.push(q.envelope);
         self.waiting.push(q.done);
     }
 
     fn is_full(&self, max_events: usize, max_bytes: usize) -> bool {
-        self.waiting.len() >= max_events || self.events.len() >= max_bytes
+        self.waiting.len() >= max_events || self.bytes >= max_bytes
     }
 
-    fn payload(self) -> (String, Vec<u8>, Vec<Answer>) {
-        let payload = match self.single {
-            Some(only) => only.into_bytes(),
-            None => self.events.finish().unwrap_or_default(),
+    /// The stream, the payload (a lone event's envelope as is, several as a [`Batch`]) and
+    /// whom to answer.
+    fn payload(mut self) -> (String, Vec<u8>, Vec<Answer>) {
+        let payload = if self.envelopes.len() == 1 {
+            self.envelopes.pop().unwrap_or_default().into_bytes()
+        } else {
+            let mut batch = Batch::default();
+            for envelope in &self.envelopes {
+                batch.push_encoded(envelope);
+            }
+            batch.finish().unwrap_or_default()
         };
         (self.stream, payload, self.waiting)
     }

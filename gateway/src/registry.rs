@@ -22,6 +22,7 @@ use shared::filter::Filter;
 use shared::message::{
     NegMessage, SubId, closed_frame, eose_frame, event_frame, neg_err_frame, neg_msg_frame,
 };
+use shared::search::LiveText;
 use tokio::sync::{Notify, mpsc};
 
 /// A live event, parsed once per gateway and shared by every subscription it goes to.
@@ -651,6 +652,8 @@ impl Registry {
         }
         collect(IndexKey::All);
 
+        // Shared by every candidate, so a search lowercases the content once per event.
+        let text = LiveText::new(ev);
         let now = Instant::now();
         let mut overflowed = Vec::new();
         let mut delivered = 0;
@@ -661,7 +664,7 @@ impl Registry {
             let Some(sub) = c.subs.get_mut(&sub_id) else {
                 continue;
             };
-            if !sub.filters.iter().any(|f| f.matches(ev)) {
+            if !sub.filters.iter().any(|f| f.matches_live(ev, &text)) {
                 continue;
             }
             if restricted && !c.authed.iter().any(|pk| ev.involves(pk)) {

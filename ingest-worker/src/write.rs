@@ -155,7 +155,8 @@ fn wrap_recipients(event: &Event) -> Vec<PubKey> {
     event
         .indexed_tags()
         .filter(|(name, _)| *name == 'p')
-        .filter_map(|(_, v)| PubKey::from_hex(v).ok().filter(|pk| pk.to_hex() == v))
+        // from_hex takes lowercase hex of the right length only.
+        .filter_map(|(_, v)| PubKey::from_hex(v).ok())
         .collect()
 }
 

@@ -340,16 +340,6 @@ impl Batch {
             .push(if self.json.is_empty() { b'[' } else { b',' });
     }
 
-    /// Bytes gathered so far.
-    pub fn len(&self) -> usize {
-        self.json.len()
-    }
-
-    /// Whether nothing was pushed.
-    pub fn is_empty(&self) -> bool {
-        self.json.is_empty()
-    }
-
     /// The message to publish (JSON text), or `None` if nothing was pushed.
     pub fn finish(mut self) -> Option<Vec<u8>> {
         if self.json.is_empty() {

@@ -11,7 +11,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
 use crate::event::{Event, EventId, Kind, PubKey};
-use crate::search::Search;
+use crate::search::{LiveText, Search};
 
 /// Why a filter was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -117,6 +117,12 @@ impl Filter {
 
     /// Whether `event` satisfies every condition of this filter (`limit` is ignored).
     pub fn matches(&self, event: &Event) -> bool {
+        self.matches_live(event, &LiveText::new(event))
+    }
+
+    /// [`Filter::matches`] with the event's [`LiveText`], shared by every filter the event
+    /// is matched against (live delivery), so a search lowercases the content only once.
+    pub fn matches_live(&self, event: &Event, text: &LiveText<'_>) -> bool {
         if let Some(ids) = &self.ids
             && !ids.contains(&event.id)
         {
@@ -143,12 +149,12 @@ impl Filter {
                 .indexed_tags()
                 .any(|(l, v)| l == *letter && wanted.iter().any(|w| w == v))
         });
-        // Last: it lowercases the content.
+        // Last: it lowercases the content (once per event).
         tags_match
             && self
                 .search
                 .as_ref()
-                .is_none_or(|search| search.matches(event))
+                .is_none_or(|search| search.matches_text(text))
     }
 
     /// Whether this filter can match nothing at all (an empty list in some condition, or

@@ -14,6 +14,7 @@
 //! [`Kind::is_searchable`]: crate::event::Kind::is_searchable
 
 use std::borrow::Cow;
+use std::cell::OnceCell;
 
 use crate::event::Event;
 
@@ -59,15 +60,42 @@ impl Search {
     /// In-memory matching for live events: an event with a [`stored_text`] (as stored
     /// queries only see those) that holds every word, ignoring case.
     pub fn matches(&self, event: &Event) -> bool {
-        let text = stored_text(event);
-        if text.is_empty() {
-            return false;
-        }
+        self.matches_text(&LiveText::new(event))
+    }
+
+    /// [`Search::matches`] for an event whose [`LiveText`] is shared by every search it is
+    /// matched against, so its content is lowercased once, not once per search.
+    pub fn matches_text(&self, text: &LiveText<'_>) -> bool {
         if self.terms.is_empty() {
-            return true;
+            return text.has_text();
         }
-        let text = text.to_lowercase();
-        self.terms.iter().all(|t| text.contains(t.as_str()))
+        let text = text.lowercased();
+        !text.is_empty() && self.terms.iter().all(|t| text.contains(t.as_str()))
+    }
+}
+
+/// An event's [`stored_text`], lowercased the first time a search needs it.
+pub struct LiveText<'a> {
+    event: &'a Event,
+    lowercased: OnceCell<String>,
+}
+
+impl<'a> LiveText<'a> {
+    /// Nothing is computed until a search asks.
+    pub fn new(event: &'a Event) -> Self {
+        LiveText {
+            event,
+            lowercased: OnceCell::new(),
+        }
+    }
+
+    fn has_text(&self) -> bool {
+        !stored_text(self.event).is_empty()
+    }
+
+    fn lowercased(&self) -> &str {
+        self.lowercased
+            .get_or_init(|| stored_text(self.event).to_lowercase())
     }
 }
 

@@ -72,18 +72,18 @@ fn storable_values(values: &[String]) -> Vec<String> {
 
 /// The conditions of one filter, ANDed.
 fn filter_predicate(q: &mut Query, filter: &Filter) -> String {
-    let search = search_words(filter).map(|text| q.bind(text));
-    filter_predicate_except(q, filter, None, search.as_deref())
+    filter_predicate_except(q, filter, None).0
 }
 
-/// [`filter_predicate`] without the condition on tag `skip` (it drives the query instead).
-/// `search` is the bind parameter holding the filter's [`search_words`], if it has any.
+/// [`filter_predicate`] without the condition on tag `skip` (it drives the query instead),
+/// and the bind parameter holding the filter's [`search_words`] if it has any (bound first,
+/// so a ranking can use it too).
 fn filter_predicate_except(
     q: &mut Query,
     filter: &Filter,
     skip: Option<char>,
-    search: Option<&str>,
-) -> String {
+) -> (String, Option<String>) {
+    let search = search_words(filter).map(|text| q.bind(text));
     let mut conds: Vec<String> = Vec::new();
     if let Some(ids) = &filter.ids {
         let v: Vec<Vec<u8>> = ids.iter().map(|i| i.as_bytes().to_vec()).collect();
@@ -110,7 +110,7 @@ fn filter_predicate_except(
             "e.seq IN (SELECT t.event_seq FROM tags t WHERE t.name = {name} AND t.value = ANY({vals}))"
         ));
     }
-    match (search, &filter.search) {
+    match (&search, &filter.search) {
         (Some(text), _) => conds.push(format!(
             "e.search @@ websearch_to_tsquery('{SEARCH_CONFIG}', {text})"
         )),
@@ -118,11 +118,12 @@ fn filter_predicate_except(
         (None, Some(_)) => conds.push("e.search IS NOT NULL".to_owned()),
         (None, None) => {}
     }
-    if conds.is_empty() {
+    let pred = if conds.is_empty() {
         "TRUE".to_owned()
     } else {
         conds.join(" AND ")
-    }
+    };
+    (pred, search)
 }
 
 /// What every query hides: expired events, and restricted kinds the viewer may not read.
@@ -167,15 +168,13 @@ pub fn events_query(filter: &Filter, viewer: &Viewer, now: i64, limit: i64) -> Q
     // of collecting every event that carries a popular tag. Each value is walked on its
     // own (a LATERAL join): Postgres 15 cannot walk `value = ANY(...)` in created_at order,
     // and sorted every match of a popular `#p` instead (40 ms on 500k events, 1.5 ms now).
-    let search = search_words(filter);
-    let driving = match (&filter.ids, &search) {
+    let driving = match (&filter.ids, search_words(filter)) {
         (None, None) => filter.tags.iter().next(),
         _ => None,
     };
     let Some((letter, values)) = driving else {
         // The search text is bound once and used by both the condition and the ranking.
-        let search = search.map(|text| q.bind(text));
-        let pred = filter_predicate_except(&mut q, filter, None, search.as_deref());
+        let (pred, search) = filter_predicate_except(&mut q, filter, None);
         let vis = visibility(&mut q, viewer, now);
         let order = match &search {
             Some(text) => format!(
@@ -205,7 +204,8 @@ pub fn events_query(filter: &Filter, viewer: &Viewer, now: i64, limit: i64) -> Q
     if let Some(until) = filter.until {
         tag_conds.push_str(&format!(" AND d.created_at <= {}", q.bind(until)));
     }
-    let pred = filter_predicate_except(&mut q, filter, Some(*letter), None);
+    // Driving implies no search words, so nothing is bound for a ranking.
+    let (pred, _) = filter_predicate_except(&mut q, filter, Some(*letter));
     let vis = visibility(&mut q, viewer, now);
     let limit = q.bind(limit);
     // An event tagged with two of the values is found twice: DISTINCT keeps one, before the
