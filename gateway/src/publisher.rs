@@ -29,8 +29,9 @@ pub struct Publisher {
 
 impl Publisher {
     /// Starts the task that appends queued events. An entry holds at most `max_events`
-    /// events and stops growing once it reaches `max_bytes`. The queue is bounded by the
-    /// sessions themselves: each has at most one event queued, since it waits for the answer.
+    /// events in at most `max_bytes` (an event larger on its own goes alone). The queue is
+    /// bounded by the sessions themselves: each has at most one event queued, since it waits
+    /// for the answer.
     pub fn start(redis: ConnectionManager, max_events: usize, max_bytes: usize) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
         tokio::spawn(append_loop(redis, rx, max_events.max(1), max_bytes));
@@ -77,8 +78,11 @@ impl Entry {
         self.waiting.push(q.done);
     }
 
-    fn is_full(&self, max_events: usize, max_bytes: usize) -> bool {
-        self.waiting.len() >= max_events || self.bytes >= max_bytes
+    /// Whether `q` may join this entry: the entry stays within `max_events` events and its
+    /// payload (the envelopes, a comma between each two and the brackets) within `max_bytes`.
+    fn has_room(&self, q: &Queued, max_events: usize, max_bytes: usize) -> bool {
+        let n = self.envelopes.len();
+        n < max_events && self.bytes + n + 2 + q.envelope.len() <= max_bytes
     }
 
     /// The stream, the payload (a lone event's envelope as is, several as a [`Batch`]) and
@@ -133,8 +137,8 @@ async fn append_loop(
 }
 
 /// `first` and every event queued behind it, as entries in order of first appearance: one
-/// open entry per stream, sealed when full and followed by a new one. The queue holds at
-/// most one event per session, so this is bounded.
+/// open entry per stream, sealed when the next event does not fit and followed by a new
+/// one. The queue holds at most one event per session, so this is bounded.
 fn gather(
     first: Queued,
     rx: &mut mpsc::UnboundedReceiver<Queued>,
@@ -148,7 +152,7 @@ fn gather(
             .iter_mut()
             .rev()
             .find(|e| e.stream == q.stream)
-            .filter(|e| !e.is_full(max_events, max_bytes));
+            .filter(|e| e.has_room(&q, max_events, max_bytes));
         match open {
             Some(entry) => entry.push(q),
             None => entries.push(Entry::new(q)),
@@ -244,8 +248,17 @@ mod tests {
             got,
             vec![one("s:0"), one("s:0"), one("s:0"), one("s:1"), one("s:0")]
         );
-        // Past the byte bound an entry stops growing too.
-        let got = gathered(&items, 32, 4);
+        // "[{},{}]" is 7 bytes: a bound of 7 keeps two events to an entry, 6 only one.
+        let got = gathered(&items, 32, 7);
         assert_eq!(got, vec![two(), two(), one("s:1")]);
+        let got = gathered(&items, 32, 6);
+        assert_eq!(
+            got,
+            vec![one("s:0"), one("s:0"), one("s:0"), one("s:1"), one("s:0")]
+        );
+        // An event larger than the bound still goes, on its own.
+        let big = [("s:0", "{\"big\":1}"), ("s:0", "{}")];
+        let got = gathered(&big, 32, 3);
+        assert_eq!(got, vec![("s:0".into(), "{\"big\":1}".into()), one("s:0")]);
     }
 }
