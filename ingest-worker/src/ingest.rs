@@ -22,6 +22,8 @@ pub struct Ingest {
     purge_every: std::time::Duration,
     /// Most expired events deleted by one purge statement.
     purge_batch: i64,
+    /// Most events stored in one transaction.
+    store_batch_events: usize,
     /// The moderation state (NIP-86), followed from Redis.
     moderation: Current,
     redis_url: String,
@@ -34,6 +36,7 @@ impl Ingest {
             relay_host: config.public.public_url.as_deref().map(relay_host),
             purge_every: std::time::Duration::from_secs(config.expiry_purge_secs),
             purge_batch: config.expiry_purge_batch,
+            store_batch_events: usize::from(config.store_batch_events),
             moderation: Current::default(),
             redis_url: config.bus.redis_url.clone(),
         }
@@ -127,30 +130,13 @@ impl Handler for Ingest {
                 _ => None,
             })
             .unzip();
-        let results = if pending.is_empty() {
-            Vec::new()
-        } else {
-            // One span for the batch's transaction, a child of the first event's trace and
-            // linked to the others.
-            let first = &items[storable[0]].span;
-            let span = shared::trace_span!(
-                parent: first,
-                "INSERT events",
-                otel.kind = "client",
-                db.system.name = "postgresql",
-                db.operation.name = "INSERT",
-                db.collection.name = "events",
-                db.operation.batch.size = pending.len(),
-            );
-            for &i in storable.iter().skip(1) {
-                TraceContext::of(&items[i].span).link(&span);
-            }
-            let started = Instant::now();
-            let results = write::store_batch(&ctx.db, &pending).instrument(span).await;
-            metrics::histogram!("nostr_ingest_commit_seconds")
-                .record(started.elapsed().as_secs_f64());
-            results
-        };
+        let mut results = Vec::with_capacity(pending.len());
+        for (indexes, chunk) in storable
+            .chunks(self.store_batch_events)
+            .zip(pending.chunks(self.store_batch_events))
+        {
+            results.extend(store_chunk(ctx, &items, indexes, chunk).await);
+        }
         let mut results = results.into_iter();
 
         for item in &items {
@@ -197,6 +183,35 @@ impl Handler for Ingest {
         }
         replies.into_pipeline(ctx)
     }
+}
+
+/// Stores `chunk` (the items at `indexes`) in one transaction, traced by one span: a child
+/// of the first event's trace, linked to the others.
+async fn store_chunk(
+    ctx: &Context,
+    items: &[Item],
+    indexes: &[usize],
+    chunk: &[Pending<'_>],
+) -> Vec<Result<Outcome, shared::store::StoreError>> {
+    let Some(&first) = indexes.first() else {
+        return Vec::new();
+    };
+    let span = shared::trace_span!(
+        parent: &items[first].span,
+        "INSERT events",
+        otel.kind = "client",
+        db.system.name = "postgresql",
+        db.operation.name = "INSERT",
+        db.collection.name = "events",
+        db.operation.batch.size = chunk.len(),
+    );
+    for &i in &indexes[1..] {
+        TraceContext::of(&items[i].span).link(&span);
+    }
+    let started = Instant::now();
+    let results = write::store_batch(&ctx.db, chunk).instrument(span).await;
+    metrics::histogram!("nostr_ingest_commit_seconds").record(started.elapsed().as_secs_f64());
+    results
 }
 
 /// The events of every entry (one, or a gateway's batch), in order, each with the span

@@ -1,9 +1,9 @@
 //! The ingest worker: a consumer in the `ingest` group of the ingest streams.
 //!
 //! For each batch: decode the envelopes, recompute ids and verify signatures (spread over
-//! the cores), store what is storable in one Postgres transaction ([`write`]), then answer
-//! `OK` to each originating gateway and publish every stored or ephemeral event on the live
-//! channel. The shared loop ([`shared::worker`]) acknowledges the batch afterwards.
+//! the cores), store what is storable in Postgres transactions of at most
+//! `RELAY_STORE_BATCH_EVENTS` events ([`write`]), then answer `OK` to each originating
+//! gateway and publish every stored or ephemeral event on the live channel. The shared loop ([`shared::worker`]) acknowledges the batch afterwards.
 //!
 //! Management changes (NIP-86) arrive on ingest shard 0 and are applied by [`admin`]; events
 //! refused by the moderation state are answered `blocked:` before anything is written.
@@ -47,6 +47,13 @@ pub struct Config {
     #[arg(long, env = "RELAY_EXPIRY_PURGE_BATCH", default_value_t = 10_000,
           value_parser = clap::value_parser!(i64).range(1..))]
     pub expiry_purge_batch: i64,
+    /// Most events stored in one transaction. A batch of entries can hold more (an entry
+    /// holds up to a gateway's `RELAY_INGEST_ENTRY_EVENTS`); they are stored in several
+    /// transactions, one after the other, so a failed transaction retries at most this many
+    /// events one by one.
+    #[arg(long, env = "RELAY_STORE_BATCH_EVENTS", default_value_t = 256,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub store_batch_events: u16,
     #[command(flatten)]
     pub log: LogConfig,
     #[command(flatten)]

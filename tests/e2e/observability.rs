@@ -1,6 +1,6 @@
 //! Observability through the running cluster: one trace per event across processes
-//! (checked with an in-process OTLP receiver), Prometheus metrics on every binary, and
-//! structured logs carrying trace ids.
+//! (checked with an in-process OTLP receiver), Prometheus metrics on every binary (also
+//! counting the ingest worker's transactions), and structured logs carrying trace ids.
 
 use std::time::Duration;
 
@@ -333,4 +333,74 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
         .expect("in time")
         .expect("read");
     response
+}
+
+/// An ingest entry holding several events (as a gateway appends events that arrive
+/// together) is stored in transactions of at most `RELAY_STORE_BATCH_EVENTS` events, and
+/// every event is kept. The entry is appended by hand so that its size does not depend on
+/// timing.
+#[tokio::test]
+async fn an_entry_of_many_events_is_stored_in_bounded_transactions() {
+    use shared::bus::{Batch, ConnId, ENTRY_FIELD, GatewayId, IngestRequest};
+
+    let cluster = Cluster::start(ClusterOptions::with_env(&[(
+        "RELAY_STORE_BATCH_EVENTS",
+        "2",
+    )]))
+    .await
+    .expect("cluster");
+    let keys = Keys::generate();
+    let events: Vec<_> = (0..5).map(|i| note(&keys, now() - i, "batched")).collect();
+    let gateway = GatewayId::random();
+    let mut batch = Batch::default();
+    for (n, ev) in events.iter().enumerate() {
+        batch.push(&IngestRequest {
+            gateway: gateway.clone(),
+            conn: ConnId(n as u64),
+            event: serde_json::value::RawValue::from_string(ev.to_json()).expect("json"),
+            trace: Default::default(),
+        });
+    }
+    let payload = batch.finish().expect("five events");
+    let redis = redis::Client::open(cluster.services.redis_url.as_str()).expect("redis url");
+    let mut conn = redis
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let stream = format!("{}:ingest:0", cluster.prefix);
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg(ENTRY_FIELD)
+        .arg(payload)
+        .query_async(&mut conn)
+        .await
+        .expect("xadd");
+
+    let db = cluster.db().await;
+    let deadline = tokio::time::Instant::now() + relay_tests::WAIT;
+    loop {
+        let stored: i64 = db
+            .query_one("SELECT count(*) FROM events WHERE kind = 1", &[])
+            .await
+            .expect("count")
+            .get(0);
+        if stored == 5 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{stored} of 5 events stored"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Five events, at most two per transaction: three transactions.
+    let ingest = &cluster.worker_http[0];
+    assert!(ingest.0.starts_with("ingest"), "{}", ingest.0);
+    let body = http_get(ingest.1, "/metrics").await;
+    let commits = body
+        .lines()
+        .find_map(|l| l.strip_prefix("nostr_ingest_commit_seconds_count "))
+        .unwrap_or_else(|| panic!("no commit count in:\n{body}"));
+    assert_eq!(commits.trim(), "3", "{body}");
 }
