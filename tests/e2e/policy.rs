@@ -713,6 +713,41 @@ async fn nip62_request_to_vanish() {
     );
 }
 
+/// NIP-62 under `RELAY_AUTH_WRITE`: a request to vanish addressed to this relay by its URL
+/// (`RELAY_PUBLIC_URL`, not `ALL_RELAYS`) passes the gateway without AUTH and is followed
+/// by the ingest worker; one addressed to another relay needs AUTH like any event.
+#[tokio::test]
+async fn a_request_to_vanish_addressed_here_by_url_needs_no_auth() {
+    let cluster = Cluster::start(ClusterOptions::with_env(&[
+        ("RELAY_AUTH_WRITE", "true"),
+        ("RELAY_PUBLIC_URL", "wss://relay.test"),
+    ]))
+    .await
+    .expect("cluster");
+    let mut c = cluster.client(0).await;
+    let keys = Keys::generate();
+    let elsewhere = keys.sign(
+        now(),
+        Kind(62),
+        vec![tag("relay", "wss://other.example.com")],
+        "",
+    );
+    assert!(refused(&c.publish(&elsewhere).await, "auth-required:"));
+    let here = keys.sign(now(), Kind(62), vec![tag("relay", "wss://relay.test/")], "");
+    let ack = c.publish(&here).await;
+    assert!(ack.accepted, "{ack:?}");
+    let db = cluster.db().await;
+    let recorded: i64 = db
+        .query_one(
+            "SELECT count(*) FROM vanished WHERE pubkey = $1",
+            &[&keys.pubkey().as_bytes().as_slice()],
+        )
+        .await
+        .expect("query")
+        .get(0);
+    assert_eq!(recorded, 1, "the request to vanish is recorded");
+}
+
 #[tokio::test]
 async fn nip70_protected_events_only_from_their_authenticated_author() {
     let cluster = Cluster::default_cluster().await;
