@@ -102,8 +102,9 @@ impl Entry {
 }
 
 /// Takes the first queued event, gathers what else is queued, appends the entries in one
-/// round trip, and answers every event. When the append fails, the events queued meanwhile
-/// get the same answer at once rather than each waiting for Redis in turn.
+/// round trip, and answers every event with its entry's result. When the round trip fails,
+/// the events queued meanwhile get the same answer at once rather than each waiting for
+/// Redis in turn.
 async fn append_loop(
     mut redis: ConnectionManager,
     mut rx: mpsc::UnboundedReceiver<Queued>,
@@ -119,18 +120,23 @@ async fn append_loop(
             .iter()
             .map(|(stream, payload, _)| (stream.as_str(), payload.as_slice()))
             .collect();
-        let result = bus::add_entries(&mut redis, &adds)
-            .await
-            .map_err(|e: BusError| e.to_string());
-        for (_, _, waiting) in entries {
+        let answers = match bus::add_entries(&mut redis, &adds).await {
+            Ok(added) => added
+                .into_iter()
+                .map(|r| r.map_err(|e: BusError| e.to_string()))
+                .collect(),
+            Err(e) => {
+                let failed: Result<(), String> = Err(e.to_string());
+                while let Ok(q) = rx.try_recv() {
+                    let _ = q.done.send(failed.clone());
+                }
+                vec![failed; entries.len()]
+            }
+        };
+        for ((_, _, waiting), answer) in entries.into_iter().zip(answers) {
             for done in waiting {
                 // The session may be gone; then nobody waits for the answer.
-                let _ = done.send(result.clone());
-            }
-        }
-        if result.is_err() {
-            while let Ok(q) = rx.try_recv() {
-                let _ = q.done.send(result.clone());
+                let _ = done.send(answer.clone());
             }
         }
     }

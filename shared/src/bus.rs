@@ -519,17 +519,23 @@ pub async fn add_entry(
     Ok(())
 }
 
-/// Appends entries, each `(stream, payload)`, in one round trip and in order.
+/// Appends entries, each `(stream, payload)`, in one round trip and in order. The outer
+/// error is the round trip's (nothing can be known appended); otherwise each entry's own
+/// result, in order, since Redis refuses commands one by one (a key of the wrong type, say).
 pub async fn add_entries(
     conn: &mut ConnectionManager,
     entries: &[(&str, &[u8])],
-) -> Result<(), BusError> {
+) -> Result<Vec<Result<(), BusError>>, BusError> {
     let mut pipe = redis::pipe();
+    pipe.ignore_errors();
     for (stream, payload) in entries {
-        pipe.xadd(*stream, "*", &[(ENTRY_FIELD, *payload)]).ignore();
+        pipe.xadd(*stream, "*", &[(ENTRY_FIELD, *payload)]);
     }
-    let () = pipe.query_async(conn).await?;
-    Ok(())
+    let added: Vec<redis::RedisResult<String>> = pipe.query_async(conn).await?;
+    Ok(added
+        .into_iter()
+        .map(|r| r.map(drop).map_err(BusError::from))
+        .collect())
 }
 
 /// One stream entry read by a consumer.

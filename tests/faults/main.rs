@@ -1,7 +1,8 @@
-//! Fault tests: the real binaries under kill -9, Redis and Postgres restarts, a load
-//! balancer losing a gateway, slow consumers, SIGTERM and worker outages. Run with
-//! `make test` (it starts the shared services and sets `RELAY_TEST_*`); tests that restart
-//! Redis or Postgres start private ones (`relay_tests::faults::PrivateServices`).
+//! Fault tests: the real binaries under kill -9, Redis and Postgres restarts, Redis refusing
+//! one command of a round trip, a load balancer losing a gateway, slow consumers, SIGTERM
+//! and worker outages. Run with `make test` (it starts the shared services and sets
+//! `RELAY_TEST_*`); tests that restart Redis or Postgres start private ones
+//! (`relay_tests::faults::PrivateServices`).
 //!
 //! Each test is bounded in time and prints its counts (`-- --nocapture` shows them). The
 //! load tests take [`HEAVY`] so that two of them never compete for the CPU at once.
@@ -10,6 +11,7 @@ mod balancer;
 mod crash;
 mod outage;
 mod postgres;
+mod redis_refusal;
 mod redis_restart;
 mod sigterm;
 mod slow_consumer;
