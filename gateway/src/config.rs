@@ -100,7 +100,8 @@ pub struct Limits {
     pub worker_fresh_ms: u64,
     /// Most events in one ingest stream entry: events that arrive while the previous entry
     /// is being appended go together in the next (never waiting for more). An entry also
-    /// stays within `RELAY_MAX_MESSAGE_BYTES`. 1 appends each event on its own.
+    /// stays within `RELAY_MAX_MESSAGE_BYTES` (a larger event goes alone). 1 appends each
+    /// event on its own.
     #[arg(long, env = "RELAY_INGEST_ENTRY_EVENTS", default_value_t = 32,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub ingest_entry_events: u16,

@@ -120,24 +120,35 @@ async fn append_loop(
             .iter()
             .map(|(stream, payload, _)| (stream.as_str(), payload.as_slice()))
             .collect();
-        let answers = match bus::add_entries(&mut redis, &adds).await {
-            Ok(added) => added
-                .into_iter()
-                .map(|r| r.map_err(|e: BusError| e.to_string()))
-                .collect(),
-            Err(e) => {
-                let failed: Result<(), String> = Err(e.to_string());
-                while let Ok(q) = rx.try_recv() {
-                    let _ = q.done.send(failed.clone());
-                }
-                vec![failed; entries.len()]
+        let added = bus::add_entries(&mut redis, &adds)
+            .await
+            .map(|each| {
+                each.into_iter()
+                    .map(|r| r.map_err(|e: BusError| e.to_string()))
+                    .collect()
+            })
+            .map_err(|e| e.to_string());
+        if let Err(e) = &added {
+            while let Ok(q) = rx.try_recv() {
+                let _ = q.done.send(Err(e.clone()));
             }
-        };
-        for ((_, _, waiting), answer) in entries.into_iter().zip(answers) {
-            for done in waiting {
-                // The session may be gone; then nobody waits for the answer.
-                let _ = done.send(answer.clone());
-            }
+        }
+        answer(entries.into_iter().map(|(_, _, waiting)| waiting), added);
+    }
+}
+
+/// Tells the events of each entry how their append went: the entry's own result when the
+/// round trip went through (`added`, one per entry, in order), else the round trip's error.
+fn answer(
+    entries: impl ExactSizeIterator<Item = Vec<Answer>>,
+    added: Result<Vec<Result<(), String>>, String>,
+) {
+    let each = added.unwrap_or_else(|e| vec![Err(e); entries.len()]);
+    debug_assert_eq!(each.len(), entries.len(), "one result per entry");
+    for (waiting, result) in entries.zip(each) {
+        for done in waiting {
+            // The session may be gone; then nobody waits for the answer.
+            let _ = done.send(result.clone());
         }
     }
 }
@@ -203,6 +214,33 @@ mod tests {
                 (stream, String::from_utf8(payload).expect("utf-8"))
             })
             .collect()
+    }
+
+    #[test]
+    fn each_event_is_told_its_own_entry_s_result() {
+        let (senders, mut receivers): (Vec<Answer>, Vec<_>) =
+            (0..4).map(|_| oneshot::channel()).unzip();
+        let mut senders = senders.into_iter();
+        let mut take = |n| senders.by_ref().take(n).collect::<Vec<_>>();
+        let entries = vec![take(2), take(1), take(1)];
+        let added = Ok(vec![Ok(()), Err("WRONGTYPE".to_owned()), Ok(())]);
+        answer(entries.into_iter(), added);
+        let got: Vec<_> = receivers
+            .iter_mut()
+            .map(|r| r.try_recv().expect("answered"))
+            .collect();
+        let refused = Err("WRONGTYPE".to_owned());
+        assert_eq!(got, vec![Ok(()), Ok(()), refused, Ok(())]);
+
+        // A lost round trip fails every entry.
+        let (done, mut answer_rx) = oneshot::channel();
+        let (done2, mut answer_rx2) = oneshot::channel();
+        answer(
+            vec![vec![done], vec![done2]].into_iter(),
+            Err("gone".into()),
+        );
+        assert_eq!(answer_rx.try_recv().expect("answered"), Err("gone".into()));
+        assert_eq!(answer_rx2.try_recv().expect("answered"), Err("gone".into()));
     }
 
     #[test]

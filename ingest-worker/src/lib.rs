@@ -3,7 +3,8 @@
 //! For each batch: decode the envelopes, recompute ids and verify signatures (spread over
 //! the cores), store what is storable in Postgres transactions of at most
 //! `RELAY_STORE_BATCH_EVENTS` events ([`write`]), then answer `OK` to each originating
-//! gateway and publish every stored or ephemeral event on the live channel. The shared loop ([`shared::worker`]) acknowledges the batch afterwards.
+//! gateway and publish every stored or ephemeral event on the live channel. The shared loop
+//! ([`shared::worker`]) acknowledges the batch afterwards.
 //!
 //! Management changes (NIP-86) arrive on ingest shard 0 and are applied by [`admin`]; events
 //! refused by the moderation state are answered `blocked:` before anything is written.
