@@ -154,7 +154,7 @@ impl Filter {
             && self
                 .search
                 .as_ref()
-                .is_none_or(|search| search.matches_text(text))
+                .is_none_or(|search| search.matches(text))
     }
 
     /// Whether this filter can match nothing at all (an empty list in some condition, or

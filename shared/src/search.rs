@@ -58,14 +58,10 @@ impl Search {
     }
 
     /// In-memory matching for live events: an event with a [`stored_text`] (as stored
-    /// queries only see those) that holds every word, ignoring case.
-    pub fn matches(&self, event: &Event) -> bool {
-        self.matches_text(&LiveText::new(event))
-    }
-
-    /// [`Search::matches`] for an event whose [`LiveText`] is shared by every search it is
-    /// matched against, so its content is lowercased once, not once per search.
-    pub fn matches_text(&self, text: &LiveText<'_>) -> bool {
+    /// queries only see those) that holds every word, ignoring case. The event comes as its
+    /// [`LiveText`], shared by every search it is matched against, so its content is
+    /// lowercased once, not once per search.
+    pub fn matches(&self, text: &LiveText<'_>) -> bool {
         if self.terms.is_empty() {
             return text.has_text();
         }
@@ -117,6 +113,10 @@ mod tests {
     use crate::event::Kind;
     use crate::event::signing::Keys;
 
+    fn finds(search: &Search, event: &Event) -> bool {
+        search.matches(&LiveText::new(event))
+    }
+
     fn note(kind: u16, content: &str) -> Event {
         Keys::generate().sign(1, Kind(kind), vec![], content.to_owned())
     }
@@ -132,16 +132,16 @@ mod tests {
     #[test]
     fn live_matching_needs_every_word_in_a_searched_kind() {
         let s = Search::new("Hello WORLD".into());
-        assert!(s.matches(&note(1, "hello there, big world")));
-        assert!(!s.matches(&note(1, "hello there")));
+        assert!(finds(&s, &note(1, "hello there, big world")));
+        assert!(!finds(&s, &note(1, "hello there")));
         // Ciphertext kinds are not searched, even when the words happen to be in them.
-        assert!(!s.matches(&note(4, "hello world")));
+        assert!(!finds(&s, &note(4, "hello world")));
         // A query of extensions only finds what has search text: not ciphertext, nor an
         // empty content (stored queries cannot find those either).
         let extensions = Search::new("lang:en".into());
-        assert!(extensions.matches(&note(1, "x")));
-        assert!(!extensions.matches(&note(4, "x")));
-        assert!(!extensions.matches(&note(1, "")));
+        assert!(finds(&extensions, &note(1, "x")));
+        assert!(!finds(&extensions, &note(4, "x")));
+        assert!(!finds(&extensions, &note(1, "")));
     }
 
     #[test]
