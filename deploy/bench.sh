@@ -168,6 +168,17 @@ pid_of() {
 # --- CPU accounting: where the machine's time went during each scenario ---------------
 
 CLK_TCK="$(getconf CLK_TCK 2>/dev/null || echo 100)"
+# The block device holding the services' files (set once they are up), as named in
+# /proc/diskstats; empty when it cannot be found there (then no disk figures).
+DISK_DEV=""
+
+# disk_device PATH: the /proc/diskstats name of the device PATH lives on, or nothing.
+disk_device() {
+    local src
+    src="$(df --output=source "$1" 2>/dev/null | tail -n 1)" || return 0
+    src="${src#/dev/}"
+    awk -v d="$src" '$3 == d { print d; exit }' /proc/diskstats
+}
 
 # proc_ticks PID [children]: utime+stime of a process (plus its reaped children's with
 # "children"), in clock ticks; 0 when it is gone.
@@ -185,8 +196,8 @@ proc_ticks() {
 }
 
 # cpu_snapshot FILE: one "name ticks" line per process we care about, the CPU time of this
-# shell's reaped children (relay-bench), the whole machine's busy and total ticks, and the
-# time in milliseconds.
+# shell's reaped children (relay-bench), the whole machine's busy, iowait and total ticks,
+# the disk's write counters, and the time in milliseconds.
 cpu_snapshot() {
     local file="$1" i pm t pid line
     {
@@ -206,24 +217,31 @@ cpu_snapshot() {
         times >"$OUT/.times"
         line="$(tail -n 1 "$OUT/.times")"
         echo "relay-bench $(awk -v tck="$CLK_TCK" '{ t = 0; for (i = 1; i <= 2; i++) { split($i, p, /[ms]/); t += p[1] * 60 + p[2] } printf "%d", t * tck }' <<<"$line")"
-        awk '/^cpu / { busy = $2 + $3 + $4 + $7 + $8 + $9; print "machine-busy " busy; print "machine-total " busy + $5 + $6 }' /proc/stat
+        awk '/^cpu / { busy = $2 + $3 + $4 + $7 + $8 + $9; print "machine-busy " busy; print "machine-iowait " $6; print "machine-total " busy + $5 + $6 }' /proc/stat
+        # /proc/diskstats: writes completed ($8), sectors written ($10), ms spent writing ($11).
+        [[ -n "$DISK_DEV" ]] &&
+            awk -v d="$DISK_DEV" '$3 == d { print "disk-writes " $8; print "disk-sectors " $10; print "disk-write-ms " $11 }' /proc/diskstats
         echo "wall-ms $(date +%s%3N)"
     } >"$file"
 }
 
-# cpu_report BEFORE AFTER OUT.json: the differences, in seconds.
+# cpu_report BEFORE AFTER OUT.json: the differences, in seconds (disk: MB written, write
+# requests, and the seconds they waited, summed over requests).
 cpu_report() {
-    awk -v tck="$CLK_TCK" -v cores="$(nproc)" '
+    awk -v tck="$CLK_TCK" -v cores="$(nproc)" -v dev="$DISK_DEV" '
         NR == FNR { before[$1] = $2; next }
         { after[$1] = $2; order[++n] = $1 }
         END {
             printf "{\n  \"cores\": %d,\n  \"wall_s\": %.3f,\n", cores, (after["wall-ms"] - before["wall-ms"]) / 1000
             printf "  \"machine_busy_s\": %.2f,\n  \"machine_total_s\": %.2f,\n", (after["machine-busy"] - before["machine-busy"]) / tck, (after["machine-total"] - before["machine-total"]) / tck
+            printf "  \"iowait_s\": %.2f,\n", (after["machine-iowait"] - before["machine-iowait"]) / tck
+            if ("disk-sectors" in after)
+                printf "  \"disk\": {\"device\": \"%s\", \"written_mb\": %.1f, \"writes\": %d, \"write_wait_s\": %.2f},\n", dev, (after["disk-sectors"] - before["disk-sectors"]) * 512 / 1e6, after["disk-writes"] - before["disk-writes"], (after["disk-write-ms"] - before["disk-write-ms"]) / 1000
             printf "  \"cpu_s\": {"
             sep = ""
             for (i = 1; i <= n; i++) {
                 k = order[i]
-                if (k ~ /^(machine-|wall-ms)/) continue
+                if (k ~ /^(machine-|disk-|wall-ms)/) continue
                 printf "%s\n    \"%s\": %.2f", sep, k, (after[k] - before[k]) / tck
                 sep = ","
             }
@@ -291,6 +309,8 @@ fi
 
 SERVICES_UP=1
 env -u FAST deploy/local-stack.sh services-up "$STATE" "$REDIS_PORT" "$PG_PORT"
+DISK_DEV="$(disk_device "$STATE")"
+[[ -n "$DISK_DEV" ]] || log "no /proc/diskstats entry for the disk holding $STATE: the report has no disk figures"
 REDIS_URL="redis://127.0.0.1:$REDIS_PORT/"
 DB_URL="postgres://postgres@127.0.0.1:$PG_PORT/$DB_NAME"
 

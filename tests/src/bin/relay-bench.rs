@@ -2660,8 +2660,16 @@ fn report(a: &ReportArgs) -> anyhow::Result<()> {
             }
         }
         parts.push(format!("everything else {:.1}", (busy - ours).max(0.0)));
+        let iowait = f(&v, &["iowait_s"]).unwrap_or(0.0);
+        let disk = match (
+            f(&v, &["disk", "written_mb"]),
+            f(&v, &["disk", "write_wait_s"]),
+        ) {
+            (Some(mb), Some(wait)) => format!("{mb:.0} MB written, {wait:.1} s waited"),
+            _ => "-".into(),
+        };
         cpu_lines.push(format!(
-            "| {name} | {wall:.1} s | {busy:.1} of {total:.1} s ({:.0}%) | {} |",
+            "| {name} | {wall:.1} s | {busy:.1} of {total:.1} s ({:.0}%) | {iowait:.1} s | {disk} | {} |",
             if total > 0.0 {
                 busy / total * 100.0
             } else {
@@ -2675,10 +2683,15 @@ fn report(a: &ReportArgs) -> anyhow::Result<()> {
         let _ = writeln!(
             md,
             "\n## Where the CPU went\n\nCPU seconds used by each process while a scenario ran (its whole run: signing and setup included). \
-             `relay-bench` is the load generator; \"everything else\" is the rest of the machine (other work on it distorts the numbers above).\n"
+             `relay-bench` is the load generator; \"everything else\" is the rest of the machine (other work on it distorts the numbers above). \
+             iowait is CPU time idle while a disk request was pending; the disk columns are what the disk holding Redis's and Postgres's files wrote, \
+             and the seconds its write requests waited (summed over requests): a scenario that is slow with the CPU not busy is waiting on the disk.\n"
         );
-        let _ = writeln!(md, "| scenario | wall | machine busy | CPU seconds |");
-        let _ = writeln!(md, "|---|---|---|---|");
+        let _ = writeln!(
+            md,
+            "| scenario | wall | machine busy | iowait | disk | CPU seconds |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|---|");
         for line in cpu_lines {
             let _ = writeln!(md, "{line}");
         }
