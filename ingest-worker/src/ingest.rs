@@ -211,6 +211,8 @@ async fn store_chunk(
     let started = Instant::now();
     let results = write::store_batch(&ctx.db, chunk).instrument(span).await;
     metrics::histogram!("nostr_ingest_commit_seconds").record(started.elapsed().as_secs_f64());
+    // Events per transaction: the group commit's size (a stream entry may carry many).
+    metrics::histogram!("nostr_ingest_transaction_size").record(chunk.len() as f64);
     results
 }
 

@@ -389,20 +389,26 @@ async fn an_entry_of_many_events_is_stored_in_bounded_transactions() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Five events, at most two per transaction: three transactions. The worker counts a
-    // transaction just after Postgres answers its commit, so the count may lag the rows.
+    // Five events, at most two per transaction: three transactions, of 2, 2 and 1 events.
+    // The worker counts a transaction just after Postgres answers its commit, so the
+    // counts may lag the rows.
     let ingest = &cluster.worker_http[0];
     assert!(ingest.0.starts_with("ingest"), "{}", ingest.0);
     let deadline = tokio::time::Instant::now() + relay_tests::WAIT;
     loop {
         let body = http_get(ingest.1, "/metrics").await;
-        let commits = body
-            .lines()
-            .find_map(|l| l.strip_prefix("nostr_ingest_commit_seconds_count "))
-            .and_then(|n| n.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-        if commits >= 3 || tokio::time::Instant::now() >= deadline {
-            assert_eq!(commits, 3, "{body}");
+        let value = |name: &str| {
+            body.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .and_then(|n| n.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let commits = value("nostr_ingest_commit_seconds_count");
+        let transactions = value("nostr_ingest_transaction_size_count");
+        if (commits >= 3.0 && transactions >= 3.0) || tokio::time::Instant::now() >= deadline {
+            assert_eq!(commits, 3.0, "{body}");
+            assert_eq!(transactions, 3.0, "{body}");
+            assert_eq!(value("nostr_ingest_transaction_size_sum"), 5.0, "{body}");
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
