@@ -251,7 +251,8 @@ cpu_report() {
 
 # run_scenario NAME relay-bench-args...: runs one scenario, its console output also in
 # $LOGS/bench-NAME.log; a failure is written to $RESULTS/NAME.error and the run goes on.
-# The CPU time each process used meanwhile goes to $RESULTS/NAME.cpu.json.
+# The CPU time each process used meanwhile, the machine's iowait and the disk's writes go
+# to $RESULTS/NAME.cpu.json.
 run_scenario() {
     local name="$1" rc=0
     shift

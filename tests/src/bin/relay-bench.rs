@@ -2701,7 +2701,7 @@ fn report(a: &ReportArgs) -> anyhow::Result<()> {
             md,
             "\n## Where the CPU went\n\nCPU seconds used by each process while a scenario ran (its whole run: signing and setup included). \
              `relay-bench` is the load generator; \"everything else\" is the rest of the machine (other work on it distorts the numbers above). \
-             iowait is CPU time idle while a disk request was pending; the disk columns are what the disk holding Redis's and Postgres's files wrote, \
+             iowait is CPU time idle while a disk request was pending; the disk column is what the disk holding Redis's and Postgres's files wrote, \
              and the seconds its write requests waited (summed over requests): a scenario that is slow with the CPU not busy is waiting on the disk.\n"
         );
         let _ = writeln!(
