@@ -603,15 +603,10 @@ async fn nip11_health_and_readiness() {
     assert_eq!(doc["limitation"]["restricted_writes"], json!(false));
     assert_eq!(http_get(gw.addr, "/healthz", None).await.0, 200);
     // Workers beat every 300 ms in tests; readiness follows within a few beats.
-    let mut ready = false;
-    for _ in 0..50 {
-        if http_get(gw.addr, "/readyz", None).await.0 == 200 {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ready, "gateway never became ready");
+    relay_tests::eventually(Duration::from_secs(5), "gateway ready", || async {
+        http_get(gw.addr, "/readyz", None).await.0 == 200
+    })
+    .await;
 }
 
 /// A minimal HTTP/1.1 GET, enough for status, headers and a small body.

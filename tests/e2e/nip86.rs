@@ -1,11 +1,10 @@
 //! NIP-86 management API through the real cluster: NIP-98 authorization, every method, its
 //! effect on every gateway, and bans surviving restarts and a lost Redis snapshot.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use relay_tests::{Client, Cluster, ClusterOptions};
+use relay_tests::{Client, Cluster, ClusterOptions, eventually};
 use serde_json::{Value, json};
 use shared::event::signing::Keys;
 use shared::event::{Event, Kind};
@@ -69,25 +68,6 @@ async fn ok(addr: SocketAddr, keys: &Keys, method: &str, params: Value) -> Value
     assert_eq!(status, 200, "{method}: {answer}");
     assert!(answer.get("error").is_none(), "{method}: {answer}");
     answer["result"].clone()
-}
-
-/// Retries `check` until it holds or [`PROPAGATION`] passes.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + PROPAGATION;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} did not happen within {PROPAGATION:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Publishes fresh events from `keys` of `kind` until one gets the wanted answer:
@@ -400,7 +380,7 @@ async fn every_method_takes_effect_on_every_gateway_and_survives_restarts() {
     )
     .await;
     for addr in [g0, g1] {
-        eventually("NIP-11 shows the new name", || async move {
+        eventually(PROPAGATION, "NIP-11 shows the new name", || async move {
             let doc = nip11(addr).await;
             doc["name"] == "managed relay"
                 && doc["description"] == "set over NIP-86"
@@ -413,7 +393,7 @@ async fn every_method_takes_effect_on_every_gateway_and_survives_restarts() {
     // (the management API itself stays reachable).
     ok(g0, &admin, "blockip", json!(["127.0.0.1", "abuse"])).await;
     for addr in [g0, g1] {
-        eventually("upgrade refused", || async move {
+        eventually(PROPAGATION, "upgrade refused", || async move {
             upgrade_status(addr).await == 403
         })
         .await;
@@ -429,7 +409,7 @@ async fn every_method_takes_effect_on_every_gateway_and_survives_restarts() {
     );
     ok(g0, &admin, "unblockip", json!(["127.0.0.1"])).await;
     for addr in [g0, g1] {
-        eventually("upgrade allowed", || async move {
+        eventually(PROPAGATION, "upgrade allowed", || async move {
             upgrade_status(addr).await == 101
         })
         .await;
@@ -484,7 +464,7 @@ async fn every_method_takes_effect_on_every_gateway_and_survives_restarts() {
         .await
         .expect("ingest worker");
     cluster.workers.push(w);
-    eventually("snapshot rebuilt", || {
+    eventually(PROPAGATION, "snapshot rebuilt", || {
         let mut conn = conn.clone();
         let key = key.clone();
         async move {

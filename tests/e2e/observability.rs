@@ -239,18 +239,12 @@ async fn every_binary_serves_prometheus_metrics() {
         assert!(http_get(*addr, "/healthz").await.contains("ok"));
     }
     // Stream gauges come with the heartbeat.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let body = http_get(cluster.worker_http[0].1, "/metrics").await;
-        if body.contains("nostr_stream_pending{") && body.contains("nostr_stream_length{") {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no stream gauges:\n{body}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let worker = cluster.worker_http[0].1;
+    relay_tests::eventually(Duration::from_secs(5), "stream gauges", || async move {
+        let body = http_get(worker, "/metrics").await;
+        body.contains("nostr_stream_pending{") && body.contains("nostr_stream_length{")
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -372,23 +366,16 @@ async fn an_entry_of_many_events_is_stored_in_bounded_transactions() {
         .expect("appended");
     assert!(added.iter().all(Result::is_ok), "{added:?}");
 
-    let db = cluster.db().await;
-    let deadline = tokio::time::Instant::now() + relay_tests::WAIT;
-    loop {
+    let db = &cluster.db().await;
+    relay_tests::eventually(relay_tests::WAIT, "all 5 events stored", || async move {
         let stored: i64 = db
             .query_one("SELECT count(*) FROM events WHERE kind = 1", &[])
             .await
             .expect("count")
             .get(0);
-        if stored == 5 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{stored} of 5 events stored"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        stored == 5
+    })
+    .await;
     // Five events, at most two per transaction: three transactions, of 2, 2 and 1 events.
     // The worker counts a transaction just after Postgres answers its commit, so the
     // counts may lag the rows.

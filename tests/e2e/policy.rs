@@ -267,26 +267,21 @@ async fn nip40_expiration() {
     let filter = json!({"authors": [keys.pubkey().to_hex()]});
     assert_eq!(c.req("a", std::slice::from_ref(&filter)).await.len(), 2);
     // Once expired: never served, not counted, and purged in the background.
-    let db = cluster.db().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let n: i64 = db
-            .query_one(
-                "SELECT count(*) FROM events WHERE id = $1",
-                &[&short.id.as_bytes().as_slice()],
-            )
-            .await
-            .expect("query")
-            .get(0);
-        if n == 0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "expired event was never purged"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let db = &cluster.db().await;
+    let id = short.id.as_bytes().as_slice();
+    relay_tests::eventually(
+        Duration::from_secs(10),
+        "purge of the expired event",
+        || async move {
+            let n: i64 = db
+                .query_one("SELECT count(*) FROM events WHERE id = $1", &[&id])
+                .await
+                .expect("query")
+                .get(0);
+            n == 0
+        },
+    )
+    .await;
     assert_eq!(
         c.req("b", std::slice::from_ref(&filter)).await,
         vec![lasting]
