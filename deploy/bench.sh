@@ -172,12 +172,12 @@ CLK_TCK="$(getconf CLK_TCK 2>/dev/null || echo 100)"
 # /proc/diskstats; empty when it cannot be found there (then no disk figures).
 DISK_DEV=""
 
-# disk_device PATH: the /proc/diskstats name of the device PATH lives on, or nothing.
+# disk_device PATH: the /proc/diskstats name of the device PATH lives on (found by its
+# major:minor number, so LVM and encrypted volumes are found as dm-N), or nothing.
 disk_device() {
-    local src
-    src="$(df --output=source "$1" 2>/dev/null | tail -n 1)" || return 0
-    src="${src#/dev/}"
-    awk -v d="$src" '$3 == d { print d; exit }' /proc/diskstats
+    local numbers
+    numbers="$(stat -Lc '%Hd %Ld' "$1" 2>/dev/null)" || return 0
+    awk -v n="$numbers" '$1 " " $2 == n { print $3; exit }' /proc/diskstats 2>/dev/null || true
 }
 
 # proc_ticks PID [children]: utime+stime of a process (plus its reaped children's with
@@ -196,8 +196,8 @@ proc_ticks() {
 }
 
 # cpu_snapshot FILE: one "name ticks" line per process we care about, the CPU time of this
-# shell's reaped children (relay-bench), the whole machine's busy, iowait and total ticks,
-# the disk's write counters, and the time in milliseconds.
+# shell's reaped children (relay-bench), the whole machine's busy (steal included), iowait,
+# steal and total ticks, the disk's write counters, and the time in milliseconds.
 cpu_snapshot() {
     local file="$1" i pm t pid line
     {
@@ -217,7 +217,7 @@ cpu_snapshot() {
         times >"$OUT/.times"
         line="$(tail -n 1 "$OUT/.times")"
         echo "relay-bench $(awk -v tck="$CLK_TCK" '{ t = 0; for (i = 1; i <= 2; i++) { split($i, p, /[ms]/); t += p[1] * 60 + p[2] } printf "%d", t * tck }' <<<"$line")"
-        awk '/^cpu / { busy = $2 + $3 + $4 + $7 + $8 + $9; print "machine-busy " busy; print "machine-iowait " $6; print "machine-total " busy + $5 + $6 }' /proc/stat
+        awk '/^cpu / { busy = $2 + $3 + $4 + $7 + $8 + $9; print "machine-busy " busy; print "machine-iowait " $6; print "machine-steal " $9; print "machine-total " busy + $5 + $6 }' /proc/stat
         # /proc/diskstats: writes completed ($8), sectors written ($10), ms spent writing ($11).
         [[ -n "$DISK_DEV" ]] &&
             awk -v d="$DISK_DEV" '$3 == d { print "disk-writes " $8; print "disk-sectors " $10; print "disk-write-ms " $11 }' /proc/diskstats
@@ -234,7 +234,7 @@ cpu_report() {
         END {
             printf "{\n  \"cores\": %d,\n  \"wall_s\": %.3f,\n", cores, (after["wall-ms"] - before["wall-ms"]) / 1000
             printf "  \"machine_busy_s\": %.2f,\n  \"machine_total_s\": %.2f,\n", (after["machine-busy"] - before["machine-busy"]) / tck, (after["machine-total"] - before["machine-total"]) / tck
-            printf "  \"iowait_s\": %.2f,\n", (after["machine-iowait"] - before["machine-iowait"]) / tck
+            printf "  \"iowait_s\": %.2f,\n  \"steal_s\": %.2f,\n", (after["machine-iowait"] - before["machine-iowait"]) / tck, (after["machine-steal"] - before["machine-steal"]) / tck
             if ("disk-sectors" in after)
                 printf "  \"disk\": {\"device\": \"%s\", \"written_mb\": %.1f, \"writes\": %d, \"write_wait_s\": %.2f},\n", dev, (after["disk-sectors"] - before["disk-sectors"]) * 512 / 1e6, after["disk-writes"] - before["disk-writes"], (after["disk-write-ms"] - before["disk-write-ms"]) / 1000
             printf "  \"cpu_s\": {"
@@ -251,8 +251,8 @@ cpu_report() {
 
 # run_scenario NAME relay-bench-args...: runs one scenario, its console output also in
 # $LOGS/bench-NAME.log; a failure is written to $RESULTS/NAME.error and the run goes on.
-# The CPU time each process used meanwhile, the machine's iowait and the disk's writes go
-# to $RESULTS/NAME.cpu.json.
+# The CPU time each process used meanwhile, the machine's iowait and steal and the disk's
+# writes go to $RESULTS/NAME.cpu.json.
 run_scenario() {
     local name="$1" rc=0
     shift

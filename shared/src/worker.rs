@@ -46,10 +46,25 @@ pub struct WorkerConfig {
     pub heartbeat_ms: u64,
     /// Batches this process handles at once, each read by its own consumer in the group
     /// (`<consumer name>-<n>` after the first): while one batch waits on Postgres, the next
-    /// is being verified or queried. Four kept both cores of the bench machine busier than
-    /// two: 200 publishing connections got 6–9% more events/s, 20 got the same latency.
-    #[arg(long, env = "RELAY_CONCURRENCY", default_value_t = 4)]
-    pub concurrency: usize,
+    /// is being verified or queried. Default: 4 for the ingest worker, 2 for the query
+    /// worker (it already runs a batch's queries side by side). Each needs a database
+    /// connection: keep RELAY_DB_POOL_SIZE above it.
+    #[arg(long, env = "RELAY_CONCURRENCY")]
+    pub concurrency: Option<usize>,
+}
+
+impl WorkerConfig {
+    /// How many batches a worker of `role` handles at once.
+    pub fn loops(&self, role: Role) -> usize {
+        // Ingest: four loops kept both cores of a 2-core bench machine busier than two,
+        // while commits wait on the disk (200 publishing connections: 6-9% more events/s
+        // in alternating rounds; 20 connections: the same latency). Six were no better.
+        let default = match role {
+            Role::Ingest => 4,
+            Role::Query => 2,
+        };
+        self.concurrency.unwrap_or(default).max(1)
+    }
 }
 
 /// A worker failure that stops the process.
@@ -141,7 +156,15 @@ pub async fn run<H: Handler>(
         .unwrap_or_else(|| format!("{}-{}", role.name(), hex::encode(rand::random::<[u8; 4]>())));
     // One consumer per loop, each with its own connection: a blocking read holds one.
     let mut consumers = Vec::new();
-    for n in 0..config.concurrency.max(1) {
+    let loops = config.loops(role);
+    if db_config.db_pool_size <= loops {
+        tracing::warn!(
+            loops,
+            pool = db_config.db_pool_size,
+            "RELAY_DB_POOL_SIZE is not above RELAY_CONCURRENCY: batches will wait for database connections"
+        );
+    }
+    for n in 0..loops {
         let reader = bus::connect(
             &bus_config.redis_url,
             block + Duration::from_secs(5),

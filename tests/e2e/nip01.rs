@@ -603,10 +603,12 @@ async fn nip11_health_and_readiness() {
     assert_eq!(doc["limitation"]["restricted_writes"], json!(false));
     assert_eq!(http_get(gw.addr, "/healthz", None).await.0, 200);
     // Workers beat every 300 ms in tests; readiness follows within a few beats.
-    relay_tests::eventually(Duration::from_secs(5), "gateway ready", || async {
-        http_get(gw.addr, "/readyz", None).await.0 == 200
-    })
-    .await;
+    assert!(
+        relay_tests::faults::wait_readyz(gw.addr, 200, Duration::from_secs(5))
+            .await
+            .is_ok(),
+        "gateway never became ready"
+    );
 }
 
 /// A minimal HTTP/1.1 GET, enough for status, headers and a small body.

@@ -111,10 +111,13 @@ async fn kill9_ingest_worker_mid_load_5000_events_50_conns() {
         let at_kill_consumers = group_consumers(&redis_url, &stream, "ingest")
             .await
             .expect("XINFO CONSUMERS");
-        let held = at_kill_consumers
+        // The victim reads through RELAY_CONCURRENCY consumers: its name, then `<name>-<n>`.
+        let victim_loop = format!("{VICTIM}-");
+        let held: usize = at_kill_consumers
             .iter()
-            .find(|c| c.name == VICTIM)
-            .map_or(0, |c| c.pending);
+            .filter(|c| c.name == VICTIM || c.name.starts_with(&victim_loop))
+            .map(|c| c.pending)
+            .sum();
         eprintln!(
             "[kill9] SIGKILL ingest worker 0 after {at_kill} OK true ({status:?}); it held {held} \
              unacknowledged entries ({at_kill_consumers:?})"

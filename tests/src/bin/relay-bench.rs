@@ -2677,21 +2677,23 @@ fn report(a: &ReportArgs) -> anyhow::Result<()> {
             }
         }
         parts.push(format!("everything else {:.1}", (busy - ours).max(0.0)));
-        let iowait = f(&v, &["iowait_s"]).unwrap_or(0.0);
+        let seconds = |key: &str| f(&v, &[key]).map_or("–".into(), |s| format!("{s:.1} s"));
         let disk = match (
             f(&v, &["disk", "written_mb"]),
             f(&v, &["disk", "write_wait_s"]),
         ) {
             (Some(mb), Some(wait)) => format!("{mb:.0} MB written, {wait:.1} s waited"),
-            _ => "-".into(),
+            _ => "–".into(),
         };
         cpu_lines.push(format!(
-            "| {name} | {wall:.1} s | {busy:.1} of {total:.1} s ({:.0}%) | {iowait:.1} s | {disk} | {} |",
+            "| {name} | {wall:.1} s | {busy:.1} of {total:.1} s ({:.0}%) | {} / {} | {disk} | {} |",
             if total > 0.0 {
                 busy / total * 100.0
             } else {
                 0.0
             },
+            seconds("iowait_s"),
+            seconds("steal_s"),
             parts.join(", ")
         ));
         cpu.insert(name.into(), v);
@@ -2701,12 +2703,12 @@ fn report(a: &ReportArgs) -> anyhow::Result<()> {
             md,
             "\n## Where the CPU went\n\nCPU seconds used by each process while a scenario ran (its whole run: signing and setup included). \
              `relay-bench` is the load generator; \"everything else\" is the rest of the machine (other work on it distorts the numbers above). \
-             iowait is CPU time idle while a disk request was pending; the disk column is what the disk holding Redis's and Postgres's files wrote, \
+             iowait is CPU time idle while a disk request was pending, steal the time the VM's host gave the cores to others (part of \"machine busy\"); the disk column is what the disk holding Redis's and Postgres's files wrote, \
              and the seconds its write requests waited (summed over requests): a scenario that is slow with the CPU not busy is waiting on the disk.\n"
         );
         let _ = writeln!(
             md,
-            "| scenario | wall | machine busy | iowait | disk | CPU seconds |"
+            "| scenario | wall | machine busy | iowait / steal | disk | CPU seconds |"
         );
         let _ = writeln!(md, "|---|---|---|---|---|---|");
         for line in cpu_lines {
