@@ -226,6 +226,17 @@ const MIGRATIONS: &[(i32, &str)] = &[
     ALTER TABLE deleted_events ADD PRIMARY KEY (id, pubkey);
     "#,
     ),
+    (
+        8,
+        r#"
+    -- NIP-50's index takes new entries into a pending list, and the insert that finds the
+    -- list over gin_pending_list_limit (4 MB by default) merges all of it into the index
+    -- before it returns. At 12,000 events/s that was one store statement of 100-140 ms
+    -- every second (Postgres's log), and the OKs of its batch waited. At 512 kB the merge
+    -- comes eight times as often and no commit took over 50 ms, for the same CPU.
+    ALTER INDEX events_search SET (gin_pending_list_limit = 512);
+    "#,
+    ),
 ];
 
 /// A key for `pg_advisory_xact_lock` that serializes migrations across workers.
