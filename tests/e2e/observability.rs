@@ -381,23 +381,37 @@ async fn an_entry_of_many_events_is_stored_in_bounded_transactions() {
     // counts may lag the rows.
     let ingest = &cluster.worker_http[0];
     assert!(ingest.0.starts_with("ingest"), "{}", ingest.0);
-    let deadline = tokio::time::Instant::now() + relay_tests::WAIT;
-    loop {
-        let body = http_get(ingest.1, "/metrics").await;
-        let value = |name: &str| {
-            body.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-                .and_then(|n| n.trim().parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        let commits = value("nostr_ingest_commit_seconds_count");
-        let transactions = value("nostr_ingest_transaction_size_count");
-        if (commits >= 3.0 && transactions >= 3.0) || tokio::time::Instant::now() >= deadline {
-            assert_eq!(commits, 3.0, "{body}");
-            assert_eq!(transactions, 3.0, "{body}");
-            assert_eq!(value("nostr_ingest_transaction_size_sum"), 5.0, "{body}");
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let counted = |body: &str| {
+        metric(body, "nostr_ingest_commit_seconds_count") >= 3.0
+            && metric(body, "nostr_ingest_transaction_size_count") >= 3.0
+    };
+    let addr = ingest.1;
+    relay_tests::eventually(relay_tests::WAIT, "3 transactions counted", || async move {
+        counted(&http_get(addr, "/metrics").await)
+    })
+    .await;
+    let body = http_get(addr, "/metrics").await;
+    assert_eq!(
+        metric(&body, "nostr_ingest_commit_seconds_count"),
+        3.0,
+        "{body}"
+    );
+    assert_eq!(
+        metric(&body, "nostr_ingest_transaction_size_count"),
+        3.0,
+        "{body}"
+    );
+    assert_eq!(
+        metric(&body, "nostr_ingest_transaction_size_sum"),
+        5.0,
+        "{body}"
+    );
+}
+
+/// The value of an unlabelled metric in a Prometheus text body; 0 when it is absent.
+fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|n| n.trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
 }
