@@ -727,14 +727,21 @@ run_stack() {
         "RUST_LOG=${RUST_LOG:-info}"
         "NO_COLOR=${NO_COLOR:-1}"
     )
+    # One relay, one public URL list: every gateway's address, given alike to the gateways
+    # (NIP-42, NIP-98) and the ingest worker (NIP-62 requests to vanish naming this relay).
+    local i port public_url=""
+    for ((i = 0; i < gateways; i++)); do
+        public_url+="${public_url:+,}ws://127.0.0.1:$((base_port + i))"
+    done
+    public_url="${RELAY_PUBLIC_URL:-$public_url}"
     local db_url="postgres://postgres@127.0.0.1:$pg_port/nostr"
-    start_proc ingest-worker "$bindir/ingest-worker" "${common[@]}" "RELAY_DATABASE_URL=$db_url"
+    start_proc ingest-worker "$bindir/ingest-worker" "${common[@]}" "RELAY_DATABASE_URL=$db_url" \
+        "RELAY_PUBLIC_URL=$public_url"
     start_proc query-worker "$bindir/query-worker" "${common[@]}" "RELAY_DATABASE_URL=$db_url"
-    local i port
     for ((i = 0; i < gateways; i++)); do
         port=$((base_port + i))
         start_proc "gateway-$i" "$bindir/gateway" "${common[@]}" \
-            "RELAY_LISTEN=127.0.0.1:$port" "RELAY_PUBLIC_URL=ws://127.0.0.1:$port"
+            "RELAY_LISTEN=127.0.0.1:$port" "RELAY_PUBLIC_URL=$public_url"
     done
 
     # Wait for the workers' "ready" and the gateways' "listening on <addr>".

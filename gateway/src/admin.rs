@@ -169,7 +169,16 @@ pub async fn rpc(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
             &format!("management requests must be sent as {RPC_CONTENT_TYPE}"),
         );
     }
-    let url = request_url(&state, &headers);
+    // The URL the `u` tag must name is this relay's, never one taken from the request: a
+    // header signed for another site must not be accepted here.
+    let Some(urls) = &state.relay_urls else {
+        tracing::error!("management request refused: RELAY_PUBLIC_URL is not set");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "error: the management API needs the relay's public URL (RELAY_PUBLIC_URL), which is not set",
+        );
+    };
+    let url = nip98::http_url(urls.canonical());
     let request = nip98::Request {
         url: &url,
         method: "POST",
@@ -188,17 +197,26 @@ pub async fn rpc(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
         );
         response
     };
-    let pubkey = match nip98::verify_header(
-        authorization,
-        &request,
-        shared::unix_now(),
-        state.config.admin.admin_auth_window_secs,
-    ) {
-        Ok(pk) => pk,
-        Err(e) => return unauthorized(&e.to_string()),
-    };
+    let window = state.config.admin.admin_auth_window_secs;
+    let authorization =
+        match nip98::verify_header(authorization, &request, shared::unix_now(), window) {
+            Ok(event) => event,
+            Err(e) => return unauthorized(&e.to_string()),
+        };
+    let pubkey = authorization.pubkey;
     if !state.admin.admins.contains(&pubkey) {
         return unauthorized("this pubkey may not manage this relay");
+    }
+    match first_use(&state, &authorization.sig, window).await {
+        Ok(true) => {}
+        Ok(false) => return unauthorized("this authorization was used already; sign a new one"),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot record a management authorization in Redis");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "error: the relay cannot check authorizations right now; try again",
+            );
+        }
     }
     let call = match parse(&body, state.config.admin.admin_max_text) {
         Ok(call) => call,
@@ -224,18 +242,26 @@ pub async fn rpc(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
     }
 }
 
-/// The absolute URL this request was sent to, as the `u` tag must name it.
-fn request_url(state: &AppState, headers: &HeaderMap) -> String {
-    match &state.config.public.public_url {
-        Some(url) => nip98::http_url(url),
-        None => {
-            let host = headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("");
-            format!("http://{host}/")
-        }
-    }
+/// Records a NIP-98 authorization as used, in Redis (so every gateway knows), for as long as
+/// its `created_at` could still pass the time window; `false` when it was used before (a
+/// replay). Known by its signature: only the signer can make another for the same request
+/// (two identical calls in one second have the same event id, but each its own signature).
+async fn first_use(
+    state: &AppState,
+    sig: &shared::event::Signature,
+    window_secs: u64,
+) -> redis::RedisResult<bool> {
+    let key = state.bus.used_authorization_key(sig);
+    let mut redis = state.redis.clone();
+    let set: Option<String> = redis::cmd("SET")
+        .arg(&key)
+        .arg(1)
+        .arg("NX")
+        .arg("EX")
+        .arg(window_secs.saturating_mul(2).max(1))
+        .query_async(&mut redis)
+        .await?;
+    Ok(set.is_some())
 }
 
 /// The latest snapshot: this gateway's copy, first brought up to date from Redis (so a list

@@ -57,6 +57,11 @@ pub struct Limits {
     /// Open subscriptions per connection; a `REQ` for one more gets `CLOSED rate-limited:`.
     #[arg(long, env = "RELAY_MAX_SUBSCRIPTIONS", default_value_t = 100)]
     pub max_subscriptions: usize,
+    /// Memory one connection's subscriptions may hold in this gateway (their filters and
+    /// live-index entries, about), in bytes; a `REQ` that would go past it gets
+    /// `CLOSED rate-limited:`.
+    #[arg(long, env = "RELAY_MAX_SUBSCRIPTION_BYTES", default_value_t = 2 * 1024 * 1024)]
+    pub max_subscription_bytes: usize,
     /// Filters in one `REQ` or `COUNT`; more get `CLOSED invalid:`.
     #[arg(long, env = "RELAY_MAX_FILTERS", default_value_t = 20)]
     pub max_filters: usize,
@@ -67,6 +72,10 @@ pub struct Limits {
     /// Open connections this gateway accepts; past it, upgrades get HTTP 503.
     #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 20_000)]
     pub max_connections: usize,
+    /// Open connections from one client address (IPv6: one /64) on this gateway; past it,
+    /// upgrades get HTTP 429.
+    #[arg(long, env = "RELAY_MAX_CONNECTIONS_PER_IP", default_value_t = 32)]
+    pub max_connections_per_ip: usize,
     /// Messages queued for one client before it counts as too slow and is disconnected
     /// (close code 1008), so it cannot grow the gateway's memory.
     #[arg(long, env = "RELAY_SEND_QUEUE", default_value_t = 2048)]
@@ -145,6 +154,11 @@ pub struct AuthPolicy {
     /// How far an AUTH event's `created_at` may be from now, in seconds.
     #[arg(long, env = "RELAY_AUTH_WINDOW_SECS", default_value_t = 600)]
     pub auth_window_secs: u64,
+    /// Pubkeys one connection may authenticate as (NIP-42 allows several); an AUTH for one
+    /// more gets `OK false restricted:`.
+    #[arg(long, env = "RELAY_MAX_AUTH_IDENTITIES", default_value_t = 4,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_identities: u64,
 }
 
 impl AuthPolicy {
@@ -164,7 +178,7 @@ impl AuthPolicy {
 }
 
 /// Rate limits, counted in Redis so they hold across every gateway; 0 turns one off.
-/// Exceeding one gets `rate-limited:`.
+/// Exceeding one gets `rate-limited:`. An IPv6 address counts by its /64 prefix.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RateLimits {
     /// Events per minute from one IP address.
@@ -176,6 +190,15 @@ pub struct RateLimits {
     /// REQ and COUNT messages per minute from one IP address.
     #[arg(long, env = "RELAY_RATE_REQS_PER_IP", default_value_t = 600)]
     pub reqs_per_ip: u64,
+    /// Milliseconds of query-worker database time per minute for the REQ, COUNT and
+    /// negentropy rounds of one IP address (the workers measure it); past it, new queries
+    /// get `CLOSED rate-limited:` until the minute is over. Prices a query by its cost, not
+    /// only its count.
+    #[arg(long, env = "RELAY_RATE_QUERY_MS_PER_IP", default_value_t = 20_000)]
+    pub query_ms_per_ip: u64,
+    /// AUTH messages per minute from one IP address (each is a signature check).
+    #[arg(long, env = "RELAY_RATE_AUTHS_PER_IP", default_value_t = 60)]
+    pub auths_per_ip: u64,
     /// Take the client address from the last `X-Forwarded-For` entry (set this only behind
     /// a load balancer that sets it).
     #[arg(long, env = "RELAY_TRUST_FORWARDED", default_value_t = false, action = clap::ArgAction::Set)]
@@ -242,6 +265,7 @@ impl AdminApi {
 impl Config {
     /// Checks settings that clap cannot; call before opening any socket.
     pub fn validate(&self) -> Result<(), String> {
+        self.public.urls()?;
         self.auth.restricted()?;
         self.admin.admins()?;
         if self.auth.auth_window_secs == 0 {

@@ -41,7 +41,13 @@ async fn root(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     if let Ok(upgrade) = upgrade {
-        let ip = client_ip(&state, peer, &headers);
+        let ip = match client_ip(&state, peer, &headers) {
+            Ok(ip) => ip,
+            Err(reason) => {
+                tracing::warn!(%peer, "refused a connection with a malformed X-Forwarded-For");
+                return (StatusCode::BAD_REQUEST, reason).into_response();
+            }
+        };
         if state.moderation.get().blocks_ip(ip) {
             return (
                 StatusCode::FORBIDDEN,
@@ -57,18 +63,17 @@ async fn root(
             )
                 .into_response();
         }
+        let Some(slot) = state.per_address.take(ip, limits.max_connections_per_ip) else {
+            crate::metrics::refused_connection("per_ip");
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited: too many connections from your address",
+            )
+                .into_response();
+        };
         // Past max_message_bytes a message gets a NOTICE; past twice that, the socket closes.
         let hard_max = limits.max_message_bytes.saturating_mul(2);
-        let peer = session::Peer {
-            ip,
-            relay_host: state.relay_host.clone().unwrap_or_else(|| {
-                let host = headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .unwrap_or("");
-                shared::config::relay_host(host)
-            }),
-        };
+        let peer = session::Peer { ip, slot };
         return upgrade
             .read_buffer_size(limits.ws_read_buffer_bytes)
             .write_buffer_size(limits.ws_write_buffer_bytes)
@@ -94,8 +99,11 @@ async fn root(
         )
             .into_response();
     }
-    let hint = match &state.config.public.public_url {
-        Some(url) => format!("This is a Nostr relay. Connect a Nostr client to {url}\n"),
+    let hint = match &state.relay_urls {
+        Some(urls) => format!(
+            "This is a Nostr relay. Connect a Nostr client to {}\n",
+            urls.canonical()
+        ),
         None => {
             "This is a Nostr relay. Connect a Nostr client to this address with ws://\n".to_owned()
         }
@@ -103,21 +111,28 @@ async fn root(
     hint.into_response()
 }
 
-/// The client's address: the TCP peer, or the last `X-Forwarded-For` entry (what the
-/// trusted load balancer saw) when configured to trust it.
-fn client_ip(state: &AppState, peer: SocketAddr, headers: &HeaderMap) -> std::net::IpAddr {
-    if state.config.rate.trust_forwarded
-        && let Some(ip) = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|s| s.trim().parse().ok())
-            .next_back()
-    {
-        return ip;
+/// The client's address: the TCP peer, or, when configured to trust the load balancer,
+/// exactly the last `X-Forwarded-For` entry (the one the balancer appended: anything
+/// before it is what the client claimed). `Err` when that entry is not an address: the
+/// request is refused rather than counted under an address someone chose.
+fn client_ip(
+    state: &AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<std::net::IpAddr, &'static str> {
+    if !state.config.rate.trust_forwarded {
+        return Ok(peer.ip());
     }
-    peer.ip()
+    let Some(last_header) = headers.get_all("x-forwarded-for").iter().next_back() else {
+        // Not through the balancer (a probe on the pod's own address).
+        return Ok(peer.ip());
+    };
+    last_header
+        .to_str()
+        .ok()
+        .and_then(|v| v.rsplit(',').next())
+        .and_then(|hop| hop.trim().parse().ok())
+        .ok_or("invalid: the last X-Forwarded-For entry is not an IP address")
 }
 
 /// The NIPs this relay implements, all working through the whole cluster.
@@ -199,6 +214,25 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
             Ok(_) => {}
             Err(e) => problems.push(format!("redis: {e}")),
         }
+    }
+    // One relay, one URL: a gateway and an ingest worker that disagree would decide
+    // differently whether a request to vanish is addressed here.
+    let mine = state
+        .relay_urls
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    if let Ok(Some(theirs)) = bus::advertised_public_url(&mut redis, &state.bus).await
+        && theirs != mine
+    {
+        tracing::error!(
+            gateway = %mine,
+            ingest_worker = %theirs,
+            "RELAY_PUBLIC_URL differs between this gateway and the ingest workers; give every process the same value"
+        );
+        problems.push(format!(
+            "RELAY_PUBLIC_URL differs: this gateway has {mine:?}, the ingest workers {theirs:?}"
+        ));
     }
     if problems.is_empty() {
         (StatusCode::OK, "ready\n").into_response()

@@ -4,6 +4,7 @@
 //!   bounded queue.
 //! - [`cmd`]: one type per client verb (`EVENT`, `REQ`, `CLOSE`), each with `handle`.
 //! - [`registry`]: connections, subscriptions, the live-match index, delivery.
+//! - [`connections`]: open connections per client address (the per-address cap).
 //! - [`pubsub`]: the Redis subscriber that brings replies and live events back.
 //! - [`http`]: the routes: WebSocket upgrade, NIP-11, `/healthz`, `/readyz`.
 //! - [`policy`]: what an event, `REQ` or `COUNT` must satisfy before it goes on the bus.
@@ -16,6 +17,7 @@
 pub mod admin;
 pub mod cmd;
 pub mod config;
+pub mod connections;
 pub mod http;
 pub mod metrics;
 pub mod policy;
@@ -55,6 +57,8 @@ pub struct AppState {
     pub publisher: publisher::Publisher,
     /// Connections and subscriptions.
     pub registry: Registry,
+    /// Open connections per client address.
+    pub per_address: Arc<connections::PerAddress>,
     /// Whether the reply/live subscriber is connected.
     pub pubsub_up: AtomicBool,
     /// WebSocket sessions whose socket is not closed yet (the shutdown drain waits for
@@ -64,9 +68,10 @@ pub struct AppState {
     pub stopping: watch::Receiver<bool>,
     /// Read-restricted kinds (from the validated configuration).
     pub restricted_kinds: Vec<Kind>,
-    /// This relay's host, when `RELAY_PUBLIC_URL` is set: for NIP-42 (else taken from each
-    /// request) and for NIP-62 requests to vanish (else only `ALL_RELAYS` ones are).
-    pub relay_host: Option<String>,
+    /// This relay's URLs, when `RELAY_PUBLIC_URL` is set: for NIP-42 and NIP-98 (both are
+    /// refused without it: the URL is never taken from a request) and for NIP-62 requests
+    /// to vanish (else only `ALL_RELAYS` ones are).
+    pub relay_urls: Option<shared::config::RelayUrls>,
     /// Renders `/metrics`.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// The moderation state (NIP-86), followed from Redis.
@@ -101,6 +106,7 @@ pub async fn run(
         duplicate_window: Duration::from_millis(config.limits.duplicate_window_ms),
         reply_timeout: Duration::from_millis(config.limits.reply_timeout_ms),
         max_neg_sessions: config.limits.max_neg_sessions,
+        max_subscription_bytes: config.limits.max_subscription_bytes,
         neg_idle: Duration::from_secs(config.limits.neg_idle_secs),
     };
     let drain = Duration::from_secs(config.limits.drain_secs);
@@ -108,11 +114,12 @@ pub async fn run(
     tracing::info!(%gateway, public_url = ?config.public.public_url, "gateway ready");
     let restricted_kinds = config.auth.restricted().map_err(anyhow::Error::msg)?;
     let admins = config.admin.admins().map_err(anyhow::Error::msg)?;
-    let relay_host = config
-        .public
-        .public_url
-        .as_deref()
-        .map(shared::config::relay_host);
+    let relay_urls = config.public.urls().map_err(anyhow::Error::msg)?;
+    if relay_urls.is_none() {
+        tracing::warn!(
+            "RELAY_PUBLIC_URL is not set: AUTH (NIP-42) and the management API (NIP-86) are refused, and requests to vanish are followed only when addressed to ALL_RELAYS"
+        );
+    }
     let publisher = publisher::Publisher::start(
         redis.clone(),
         usize::from(config.limits.ingest_entry_events),
@@ -130,11 +137,12 @@ pub async fn run(
                 restricted_kinds: restricted_kinds.clone(),
             },
         ),
+        per_address: Arc::default(),
         pubsub_up: AtomicBool::new(false),
         open_sessions: AtomicUsize::new(0),
         stopping: stop_rx.clone(),
         restricted_kinds,
-        relay_host,
+        relay_urls,
         metrics,
         moderation: Moderation::default(),
         admin: admin::Admin::new(admins),

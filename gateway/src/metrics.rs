@@ -61,6 +61,11 @@ pub fn live_dropped(reason: &'static str) {
     metrics::counter!("nostr_gateway_live_drops_total", "reason" => reason).increment(1);
 }
 
+/// An upgrade refused before any session started (`per_ip`: the address's cap).
+pub fn refused_connection(reason: &'static str) {
+    metrics::counter!("nostr_gateway_refused_connections_total", "reason" => reason).increment(1);
+}
+
 /// A client closed for being too slow.
 pub fn slow_consumer() {
     metrics::counter!("nostr_gateway_slow_consumer_disconnects_total").increment(1);

@@ -19,8 +19,8 @@ pub fn check_event(session: &Session, event: &Event) -> Result<(), String> {
     if event.kind == AUTH_KIND {
         return Err("invalid: kind 22242 is for AUTH messages and is never published".into());
     }
-    let relay_host = session.state.relay_host.as_deref();
-    if let Some(reason) = session.state.moderation.get().refuses(event, relay_host) {
+    let relay_urls = session.state.relay_urls.as_ref();
+    if let Some(reason) = session.state.moderation.get().refuses(event, relay_urls) {
         return Err(reason);
     }
     if event.tags.len() > limits.max_event_tags {
@@ -66,7 +66,7 @@ pub fn check_event(session: &Session, event: &Event) -> Result<(), String> {
     // NIP-62: a request to vanish is followed whoever sends it, authenticated or not.
     if c.auth.auth_write
         && session.authed.is_empty()
-        && !shared::vanish::is_addressed_here(event, relay_host)
+        && !shared::vanish::is_addressed_here(event, relay_urls)
     {
         return Err(
             "auth-required: this relay only accepts events from authenticated users".into(),
@@ -96,6 +96,7 @@ pub fn check_query(session: &Session, filters: &mut [Filter]) -> Result<(), Stri
             c.limits.max_filters
         ));
     }
+    c.query_limits.check(filters)?;
     if c.auth.auth_read && session.authed.is_empty() {
         return Err("auth-required: this relay only serves authenticated users".into());
     }

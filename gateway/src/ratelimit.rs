@@ -4,6 +4,9 @@
 //!
 //! If Redis cannot be asked, the check lets the message through: the message then fails on
 //! the bus anyway, with an `error:` reply.
+//!
+//! An address is counted by [`address_key`]: an IPv4 address as itself, an IPv6 address by
+//! its /64 prefix.
 
 use std::net::IpAddr;
 
@@ -18,30 +21,37 @@ const WINDOW_SECS: i64 = 60;
 static SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(SOURCE));
 
+// KEYS[i] is counter i; ARGV[2i-1] its maximum, ARGV[2i] what this message adds (0 only
+// reads it), the last ARGV the counters' lifetime.
 const SOURCE: &str = r"
 local exceeded = 0
 for i, key in ipairs(KEYS) do
-  local n = redis.call('INCR', key)
-  if n == 1 then redis.call('EXPIRE', key, ARGV[#KEYS + 1]) end
-  if exceeded == 0 and n > tonumber(ARGV[i]) then exceeded = i end
+  local n = redis.call('INCRBY', key, ARGV[2 * i])
+  if redis.call('TTL', key) < 0 then redis.call('EXPIRE', key, ARGV[2 * #KEYS + 1]) end
+  if exceeded == 0 and n > tonumber(ARGV[2 * i - 1]) then exceeded = i end
 end
 return exceeded
 ";
+
+pub use shared::address::address_key;
 
 /// A counter and its per-window maximum.
 pub struct Limit {
     what: &'static str,
     who: String,
     max: u64,
+    /// What one message adds to the counter (0: the counter is only read).
+    add: u64,
 }
 
 impl Limit {
-    /// Events per IP.
+    /// Events per address.
     pub fn events_from_ip(ip: IpAddr, max: u64) -> Self {
         Limit {
             what: "ev-ip",
-            who: ip.to_string(),
+            who: address_key(ip),
             max,
+            add: 1,
         }
     }
 
@@ -51,17 +61,50 @@ impl Limit {
             what: "ev-pk",
             who: pubkey.to_hex(),
             max,
+            add: 1,
         }
     }
 
-    /// REQ/COUNT per IP.
+    /// REQ/COUNT/negentropy messages per address.
     pub fn reqs_from_ip(ip: IpAddr, max: u64) -> Self {
         Limit {
             what: "req-ip",
-            who: ip.to_string(),
+            who: address_key(ip),
             max,
+            add: 1,
         }
     }
+
+    /// Milliseconds of database time the address's queries used this window: the query
+    /// workers add to it ([`query_time_key`]), a check only reads it.
+    pub fn query_time_from_ip(ip: IpAddr, max_ms: u64) -> Self {
+        Limit {
+            what: "qms-ip",
+            who: address_key(ip),
+            max: max_ms,
+            add: 0,
+        }
+    }
+
+    /// AUTH messages per address.
+    pub fn auths_from_ip(ip: IpAddr, max: u64) -> Self {
+        Limit {
+            what: "auth-ip",
+            who: address_key(ip),
+            max,
+            add: 1,
+        }
+    }
+}
+
+/// The counter a query worker adds the database time of a query from `ip` to, or `None`
+/// when the query-time limit is off.
+pub fn query_time_key(state: &AppState, ip: IpAddr) -> Option<String> {
+    let limit = Limit::query_time_from_ip(ip, state.config.rate.query_ms_per_ip);
+    (limit.max > 0).then(|| {
+        let window = shared::unix_now() / WINDOW_SECS;
+        state.bus.rate_key(limit.what, &limit.who, window)
+    })
 }
 
 /// Counts one message against every limit (0 = off); returns the first limit exceeded.
@@ -76,7 +119,7 @@ pub async fn exceeded(state: &AppState, limits: Vec<Limit>) -> Option<Limit> {
         invocation.key(state.bus.rate_key(l.what, &l.who, window));
     }
     for l in &limits {
-        invocation.arg(l.max);
+        invocation.arg(l.max).arg(l.add);
     }
     invocation.arg(WINDOW_SECS * 2);
     let mut redis = state.redis.clone();
@@ -95,6 +138,8 @@ impl std::fmt::Display for Limit {
         let what = match self.what {
             "ev-ip" => "events per minute from your address",
             "ev-pk" => "events per minute from this pubkey",
+            "qms-ip" => "ms of database time per minute for queries from your address",
+            "auth-ip" => "AUTH messages per minute from your address",
             _ => "requests per minute from your address",
         };
         write!(f, "rate-limited: more than {} {what}; slow down", self.max)

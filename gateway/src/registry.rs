@@ -54,8 +54,11 @@ enum Phase {
 
 struct Sub {
     req: ReqId,
-    filters: Vec<Filter>,
+    /// Shared, so live matching can run on a copy of the pointer outside the lock.
+    filters: Arc<Vec<Filter>>,
     keys: Vec<IndexKey>,
+    /// What the subscription holds in memory (its filters and index entries), about.
+    bytes: usize,
     phase: Phase,
     /// While stored events are awaited: when to give up with `CLOSED error:`.
     deadline: Option<Instant>,
@@ -64,6 +67,8 @@ struct Sub {
 struct Conn {
     handle: ConnHandle,
     subs: HashMap<SubId, Sub>,
+    /// The sum of the subscriptions' `bytes`.
+    sub_bytes: usize,
     /// NIP-42 pubkeys, for read-restricted kinds.
     authed: Vec<PubKey>,
     /// Events sent to the bus whose `OK` has not come yet.
@@ -72,6 +77,15 @@ struct Conn {
     pending_count: Awaited<(ReqId, SubId)>,
     /// NIP-77 negentropy sessions, by their own ids (not `REQ` ids).
     neg: HashMap<SubId, NegSession>,
+}
+
+impl Conn {
+    /// Removes a subscription, and its bytes from the connection's count.
+    fn remove_sub(&mut self, sub_id: &SubId) -> Option<Sub> {
+        let sub = self.subs.remove(sub_id)?;
+        self.sub_bytes -= sub.bytes;
+        Some(sub)
+    }
 }
 
 /// Requests sent to the bus whose answers have not come yet: each key's deadlines, oldest
@@ -172,10 +186,27 @@ fn index_order(k: &IndexKey) -> (u8, String) {
     }
 }
 
+/// About how many bytes a subscription with these filters and index keys holds: the
+/// filters, and for each key its entry in the index.
+fn subscription_bytes(filters: &[Filter], keys: &[IndexKey]) -> usize {
+    const ENTRY: usize = std::mem::size_of::<IndexKey>() + std::mem::size_of::<(ConnId, SubId)>();
+    let key_text: usize = keys
+        .iter()
+        .map(|k| match k {
+            IndexKey::Tag(_, v) => v.len(),
+            _ => 0,
+        })
+        .sum();
+    filters.iter().map(Filter::approx_bytes).sum::<usize>() + keys.len() * 2 * ENTRY + key_text
+}
+
 #[derive(Default)]
 struct Inner {
     conns: HashMap<ConnId, Conn>,
     index: HashMap<IndexKey, HashSet<(ConnId, SubId)>>,
+    /// Live subscriptions whose duplicate window ends, in order: at that time their
+    /// already-sent ids are dropped, whether or not another event comes.
+    forget: VecDeque<(Instant, ConnId, SubId, ReqId)>,
 }
 
 impl Inner {
@@ -205,6 +236,30 @@ pub struct RegistryLimits {
     pub max_neg_sessions: usize,
     /// How long a negentropy session may wait for the client's next round.
     pub neg_idle: Duration,
+    /// Bytes one connection's subscriptions may hold (filters and index entries);
+    /// `subscribe` refuses one that would go past it.
+    pub max_subscription_bytes: usize,
+}
+
+/// Why a subscription was not registered: the connection's subscriptions would hold too
+/// much memory. Shown to the client (NIP-01 prefix) in the `CLOSED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscriptionsTooBig {
+    /// What the connection's subscriptions would hold with this one, in bytes.
+    pub bytes: usize,
+    /// [`RegistryLimits::max_subscription_bytes`].
+    pub limit: usize,
+}
+
+impl std::fmt::Display for SubscriptionsTooBig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "rate-limited: the subscriptions of this connection would hold about {} bytes; \
+             the limit is {}; close some or ask with smaller filters",
+            self.bytes, self.limit
+        )
+    }
 }
 
 /// Why a negentropy session was not opened: the connection has `limit` open already.
@@ -284,6 +339,7 @@ impl Registry {
             Conn {
                 handle,
                 subs: HashMap::new(),
+                sub_bytes: 0,
                 authed: Vec::new(),
                 pending_ok: Awaited::default(),
                 pending_count: Awaited::default(),
@@ -332,7 +388,8 @@ impl Registry {
 
     /// Registers (or replaces) a subscription in the stored phase. When `stored_done` is set
     /// (no stored query is needed, e.g. every filter has `limit: 0`), EOSE is sent at once
-    /// and the subscription is live.
+    /// and the subscription is live. Refused when the connection's subscriptions would hold
+    /// more than `max_subscription_bytes`; a refused one leaves the one it would replace.
     pub fn subscribe(
         &self,
         conn: ConnId,
@@ -340,19 +397,31 @@ impl Registry {
         req: ReqId,
         filters: Vec<Filter>,
         stored_done: bool,
-    ) {
-        let mut inner = self.lock();
+    ) -> Result<(), SubscriptionsTooBig> {
+        // Built before the lock: a big filter costs its own connection, not everyone's.
         let keys = index_keys(&filters);
+        let bytes = subscription_bytes(&filters, &keys);
         let deadline = (!stored_done).then(|| Instant::now() + self.limits.reply_timeout);
+        let mut inner = self.lock();
         let Some(c) = inner.conns.get_mut(&conn) else {
-            return;
+            return Ok(());
         };
+        let replaced = c.subs.get(&sub_id).map_or(0, |s| s.bytes);
+        let total = c.sub_bytes - replaced + bytes;
+        if total > self.limits.max_subscription_bytes {
+            return Err(SubscriptionsTooBig {
+                bytes: total,
+                limit: self.limits.max_subscription_bytes,
+            });
+        }
+        c.sub_bytes = total;
         let old = c.subs.insert(
             sub_id.clone(),
             Sub {
                 req,
-                filters,
+                filters: Arc::new(filters),
                 keys: keys.clone(),
+                bytes,
                 phase: Phase::Stored {
                     buffered: Vec::new(),
                     seen: HashSet::new(),
@@ -374,6 +443,7 @@ impl Registry {
         if stored_done {
             self.stored(conn, req, &sub_id, Vec::new(), true);
         }
+        Ok(())
     }
 
     /// Ends a subscription (client `CLOSE`); unknown ids are ignored.
@@ -382,7 +452,7 @@ impl Registry {
         let removed = inner
             .conns
             .get_mut(&conn)
-            .and_then(|c| c.subs.remove(sub_id));
+            .and_then(|c| c.remove_sub(sub_id));
         if let Some(sub) = removed {
             inner.unindex(conn, sub_id, &sub.keys);
         }
@@ -400,7 +470,7 @@ impl Registry {
             return;
         }
         if let Some(c) = inner.conns.get_mut(&conn)
-            && let Some(sub) = c.subs.remove(sub_id)
+            && let Some(sub) = c.remove_sub(sub_id)
         {
             push(conn, &c.handle, closed_frame(sub_id, message));
             inner.unindex(conn, sub_id, &sub.keys);
@@ -440,11 +510,18 @@ impl Registry {
                     push(conn, &c.handle, event_frame(sub_id, &live.json));
                 }
             }
+            let forget_at = Instant::now() + window;
+            let remember = !seen.is_empty();
             sub.phase = Phase::Live {
                 seen: std::mem::take(seen),
-                forget_at: Instant::now() + window,
+                forget_at,
             };
             sub.deadline = None;
+            if remember {
+                inner
+                    .forget
+                    .push_back((forget_at, conn, sub_id.clone(), req));
+            }
         }
     }
 
@@ -605,7 +682,7 @@ impl Registry {
                 .map(|(id, _)| id.clone())
                 .collect();
             for sub_id in stale {
-                if let Some(sub) = c.subs.remove(&sub_id) {
+                if let Some(sub) = c.remove_sub(&sub_id) {
                     push(
                         conn,
                         &c.handle,
@@ -621,6 +698,7 @@ impl Registry {
         for (conn, sub_id, keys) in unindex {
             inner.unindex(conn, &sub_id, &keys);
         }
+        forget_sent(&mut inner, now);
     }
 
     /// Whether any subscription is indexed for live events on this gateway.
@@ -637,39 +715,57 @@ impl Registry {
             return 0;
         }
         let restricted = self.policy.restricted_kinds.contains(&ev.kind);
-        let mut inner = self.lock();
-        let mut candidates: HashSet<(ConnId, SubId)> = HashSet::new();
-        let mut collect = |key: IndexKey| {
-            if let Some(set) = inner.index.get(&key) {
-                candidates.extend(set.iter().cloned());
+        // Under the lock, only what the index finds: each candidate's filters (a pointer).
+        let candidates: Vec<(ConnId, SubId, ReqId, Arc<Vec<Filter>>)> = {
+            let inner = self.lock();
+            let mut found: HashSet<&(ConnId, SubId)> = HashSet::new();
+            let mut collect = |key: IndexKey| {
+                if let Some(set) = inner.index.get(&key) {
+                    found.extend(set.iter());
+                }
+            };
+            collect(IndexKey::Id(ev.id));
+            collect(IndexKey::Author(ev.pubkey));
+            collect(IndexKey::Kind(ev.kind));
+            for (letter, value) in ev.indexed_tags() {
+                collect(IndexKey::Tag(letter, value.to_owned()));
             }
+            collect(IndexKey::All);
+            found
+                .into_iter()
+                .filter_map(|(conn, sub_id)| {
+                    let c = inner.conns.get(conn)?;
+                    if restricted && !ev.involves_any(&c.authed) {
+                        return None;
+                    }
+                    let sub = c.subs.get(sub_id)?;
+                    Some((*conn, sub_id.clone(), sub.req, Arc::clone(&sub.filters)))
+                })
+                .collect()
         };
-        collect(IndexKey::Id(ev.id));
-        collect(IndexKey::Author(ev.pubkey));
-        collect(IndexKey::Kind(ev.kind));
-        for (letter, value) in ev.indexed_tags() {
-            collect(IndexKey::Tag(letter, value.to_owned()));
-        }
-        collect(IndexKey::All);
-
-        // Shared by every candidate, so a search lowercases the content once per event.
+        // Matching runs without the lock: other connections go on meanwhile. Shared by
+        // every candidate, so a search lowercases the content once per event.
         let text = LiveText::new(ev);
+        let matched: Vec<(ConnId, SubId, ReqId)> = candidates
+            .into_iter()
+            .filter(|(_, _, _, filters)| filters.iter().any(|f| f.matches_live(ev, &text)))
+            .map(|(conn, sub_id, req, _)| (conn, sub_id, req))
+            .collect();
+        if matched.is_empty() {
+            return 0;
+        }
         let now = Instant::now();
         let mut overflowed = Vec::new();
         let mut delivered = 0;
-        for (conn, sub_id) in candidates {
+        let mut inner = self.lock();
+        for (conn, sub_id, req) in matched {
             let Some(c) = inner.conns.get_mut(&conn) else {
                 continue;
             };
-            let Some(sub) = c.subs.get_mut(&sub_id) else {
+            // Replaced or closed meanwhile: the new subscription was not matched.
+            let Some(sub) = c.subs.get_mut(&sub_id).filter(|s| s.req == req) else {
                 continue;
             };
-            if !sub.filters.iter().any(|f| f.matches_live(ev, &text)) {
-                continue;
-            }
-            if restricted && !c.authed.iter().any(|pk| ev.involves(pk)) {
-                continue;
-            }
             match &mut sub.phase {
                 Phase::Stored { buffered, .. } => {
                     if buffered.len() < self.limits.live_buffer {
@@ -711,6 +807,29 @@ impl Registry {
     }
 }
 
+/// Drops the already-sent ids of subscriptions whose duplicate window has passed, so a
+/// subscription that never gets another event does not keep them for its whole life.
+fn forget_sent(inner: &mut Inner, now: Instant) {
+    while let Some((at, conn, sub_id, req)) = inner.forget.front().cloned() {
+        if at > now {
+            return;
+        }
+        inner.forget.pop_front();
+        let sub = inner
+            .conns
+            .get_mut(&conn)
+            .and_then(|c| c.subs.get_mut(&sub_id))
+            .filter(|s| s.req == req);
+        if let Some(Sub {
+            phase: Phase::Live { seen, .. },
+            ..
+        }) = sub
+        {
+            *seen = HashSet::new();
+        }
+    }
+}
+
 /// Ends a connection's negentropy sessions whose round is overdue or whose client went quiet.
 fn expire_neg(conn: ConnId, c: &mut Conn, now: Instant) {
     let mut ended = Vec::new();
@@ -745,6 +864,7 @@ mod tests {
                 reply_timeout: Duration::from_secs(5),
                 max_neg_sessions: 1,
                 neg_idle: Duration::from_secs(60),
+                max_subscription_bytes: 64 * 1024,
             },
             LivePolicy {
                 restricted_kinds: vec![Kind(4)],
@@ -787,7 +907,8 @@ mod tests {
             ReqId(1),
             vec![filter(serde_json::json!({"kinds":[1]}))],
             false,
-        );
+        )
+        .expect("within the byte limit");
         let a = keys.sign(1, Kind(1), vec![], "a");
         let b = keys.sign(2, Kind(1), vec![], "b");
         reg.live(live(&a));
@@ -821,7 +942,8 @@ mod tests {
             ReqId(1),
             vec![filter(serde_json::json!({"kinds":[4]}))],
             true,
-        );
+        )
+        .expect("within the byte limit");
         assert_eq!(texts(&mut rx).len(), 1, "EOSE");
         let me = Keys::generate();
         let dm = Keys::generate().sign(
@@ -853,7 +975,8 @@ mod tests {
             ReqId(1),
             vec![filter(serde_json::json!({}))],
             false,
-        );
+        )
+        .expect("within the byte limit");
         reg.expect_count(ConnId(1), ReqId(2), SubId::new("c").expect("valid"));
         reg.ok(ConnId(1), ev.id, "first".into());
         reg.expire(Instant::now());
@@ -967,7 +1090,8 @@ mod tests {
             ReqId(1),
             vec![filter(serde_json::json!({}))],
             false,
-        );
+        )
+        .expect("within the byte limit");
         reg.subscribe(
             ConnId(1),
             sub.clone(),
@@ -976,7 +1100,8 @@ mod tests {
                 serde_json::json!({"authors":[keys.pubkey().to_hex()]}),
             )],
             false,
-        );
+        )
+        .expect("within the byte limit");
         reg.stored(ConnId(1), ReqId(1), &sub, vec![], true);
         assert!(
             texts(&mut rx).is_empty(),
@@ -995,5 +1120,61 @@ mod tests {
         reg.live(live(&keys.sign(1, Kind(1), vec![], "after close")));
         assert!(texts(&mut rx).is_empty());
         assert_eq!(reg.subscriptions(ConnId(1)), 0);
+    }
+
+    #[test]
+    fn a_connection_s_subscriptions_are_bounded_in_bytes() {
+        let (reg, mut rx) = registry();
+        let big = |n: usize| {
+            let values: Vec<String> = (0..n).map(|i| format!("value-{i}")).collect();
+            vec![filter(serde_json::json!({"#t": values}))]
+        };
+        let sub = |s: &str| SubId::new(s).expect("valid");
+        reg.subscribe(ConnId(1), sub("a"), ReqId(1), big(200), true)
+            .expect("fits");
+        let refused = reg
+            .subscribe(ConnId(1), sub("b"), ReqId(2), big(300), true)
+            .expect_err("past 64 KiB");
+        assert!(refused.bytes > refused.limit);
+        assert!(refused.to_string().starts_with("rate-limited:"));
+        // Replacing a subscription counts only the new one; closing frees its bytes.
+        reg.subscribe(ConnId(1), sub("a"), ReqId(3), big(250), true)
+            .expect("replaces");
+        reg.unsubscribe(ConnId(1), &sub("a"));
+        reg.subscribe(ConnId(1), sub("b"), ReqId(4), big(300), true)
+            .expect("room again");
+        texts(&mut rx);
+    }
+
+    #[test]
+    fn sent_ids_are_forgotten_after_the_window_without_another_event() {
+        let (reg, _rx) = registry();
+        let ev = Keys::generate().sign(1, Kind(1), vec![], "x");
+        let sub = SubId::new("s").expect("valid");
+        reg.subscribe(
+            ConnId(1),
+            sub.clone(),
+            ReqId(1),
+            vec![filter(serde_json::json!({"until": 5}))],
+            false,
+        )
+        .expect("fits");
+        let stored = StoredEvent {
+            id: ev.id,
+            json: shared::message::raw_json(ev.to_json()).expect("json"),
+        };
+        reg.stored(ConnId(1), ReqId(1), &sub, vec![stored], true);
+        let remembered = |reg: &Registry| {
+            let inner = reg.lock();
+            match &inner.conns[&ConnId(1)].subs[&sub].phase {
+                Phase::Live { seen, .. } => seen.len(),
+                Phase::Stored { .. } => panic!("live after EOSE"),
+            }
+        };
+        assert_eq!(remembered(&reg), 1);
+        reg.expire(Instant::now() + Duration::from_secs(1));
+        assert_eq!(remembered(&reg), 1, "within the window");
+        reg.expire(Instant::now() + Duration::from_secs(6));
+        assert_eq!(remembered(&reg), 0, "forgotten after it");
     }
 }

@@ -25,8 +25,6 @@ pub struct Session {
     pub ip: IpAddr,
     /// The NIP-42 challenge sent on connect.
     pub challenge: String,
-    /// The relay host AUTH events must name (NIP-42 `relay` tag).
-    pub relay_host: String,
     /// Pubkeys this connection authenticated as (NIP-42), in order.
     pub authed: Vec<PubKey>,
 }
@@ -60,8 +58,8 @@ impl Session {
 pub struct Peer {
     /// The client address.
     pub ip: IpAddr,
-    /// The relay host the client connected to (for NIP-42).
-    pub relay_host: String,
+    /// Its place among the address's connections, held while the session runs.
+    pub slot: crate::connections::Slot,
 }
 
 /// The close frame owed to a client whose frame could not be read: 1009 for a message over
@@ -171,11 +169,13 @@ pub async fn run(state: Arc<AppState>, socket: WebSocket, peer: Peer) {
         state: Arc::clone(&state),
         conn,
         ip: peer.ip,
-        relay_host: peer.relay_host,
         challenge,
         authed: Vec::new(),
     };
-    session.send(auth_frame(&session.challenge));
+    // Without a public URL no AUTH can succeed: no challenge is offered.
+    if state.relay_urls.is_some() {
+        session.send(auth_frame(&session.challenge));
+    }
     let max_message = state.config.limits.max_message_bytes;
     let mut stopping = state.stopping.clone();
     let mut moderation = state.moderation.subscribe();

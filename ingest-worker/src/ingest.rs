@@ -6,7 +6,7 @@ use serde_json::value::RawValue;
 use shared::bus::{
     self, ConnId, Entry, GatewayId, GatewayReply, IngestRequest, LiveEvent, TraceContext,
 };
-use shared::config::relay_host;
+use shared::config::RelayUrls;
 use shared::event::{Event, EventId, KindClass};
 use shared::moderation::{self, Current, is_admin_entry};
 use shared::worker::{Context, Handler};
@@ -18,7 +18,9 @@ use crate::write::{self, Outcome, Pending};
 #[derive(Clone)]
 pub struct Ingest {
     /// This relay's host, for NIP-62 requests addressed to it.
-    relay_host: Option<String>,
+    relay_urls: Option<RelayUrls>,
+    /// How often the worker's `RELAY_PUBLIC_URL` is advertised (its heartbeat interval).
+    heartbeat: std::time::Duration,
     purge_every: std::time::Duration,
     /// Most expired events deleted by one purge statement.
     purge_batch: i64,
@@ -33,8 +35,9 @@ impl Ingest {
     /// A handler for this configuration.
     pub fn new(config: &crate::Config) -> Self {
         Ingest {
-            relay_host: config.public.public_url.as_deref().map(relay_host),
+            relay_urls: config.public.urls().ok().flatten(),
             purge_every: std::time::Duration::from_secs(config.expiry_purge_secs),
+            heartbeat: std::time::Duration::from_millis(config.worker.heartbeat_ms.max(1)),
             purge_batch: config.expiry_purge_batch,
             store_batch_events: usize::from(config.store_batch_events),
             moderation: Current::default(),
@@ -74,10 +77,27 @@ struct Item {
 }
 
 impl Handler for Ingest {
+    /// Generic plans kept per connection: every statement takes a whole batch as arrays.
+    fn pool(
+        &self,
+        db: &shared::config::DatabaseConfig,
+    ) -> Result<deadpool_postgres::Pool, shared::store::StoreError> {
+        shared::store::write_pool(db)
+    }
+
     fn start(&mut self, ctx: &Context) {
         tokio::spawn(crate::admin::rebuild_snapshot(
             ctx.clone(),
             self.moderation.clone(),
+        ));
+        tokio::spawn(shared::bus::advertise_public_url(
+            ctx.redis.clone(),
+            ctx.bus.clone(),
+            self.relay_urls
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            self.heartbeat,
         ));
         tokio::spawn(moderation::follow(
             self.moderation.clone(),
@@ -104,7 +124,7 @@ impl Handler for Ingest {
                 .event
                 .as_ref()
                 .ok()
-                .and_then(|ev| moderation.refuses(ev, self.relay_host.as_deref()));
+                .and_then(|ev| moderation.refuses(ev, self.relay_urls.as_ref()));
             let Some(reason) = refused else { return true };
             metrics::counter!("nostr_ingest_events_total", "outcome" => "blocked").increment(1);
             replies.ok(item, false, reason);
@@ -121,10 +141,7 @@ impl Handler for Ingest {
                     Pending {
                         event,
                         json: item.json.get(),
-                        vanish: shared::vanish::is_addressed_here(
-                            event,
-                            self.relay_host.as_deref(),
-                        ),
+                        vanish: shared::vanish::is_addressed_here(event, self.relay_urls.as_ref()),
                     },
                 )),
                 _ => None,

@@ -13,6 +13,11 @@ async fn main() -> anyhow::Result<()> {
     let telemetry = shared::telemetry::init("ingest-worker", &config.log, &config.otel)
         .context("cannot set up telemetry")?;
     tracing::info!(?config, "starting ingest-worker");
+    if config.public.urls().map_err(anyhow::Error::msg)?.is_none() {
+        tracing::warn!(
+            "RELAY_PUBLIC_URL is not set: requests to vanish (NIP-62) are followed only when addressed to ALL_RELAYS"
+        );
+    }
     let result = ingest_worker::run(
         config,
         telemetry.metrics_handle(),

@@ -48,9 +48,17 @@ pub struct QueryConfig {
     #[arg(long, env = "RELAY_REPLY_CHUNK", default_value_t = 200)]
     pub reply_chunk: usize,
     /// The most events one NIP-77 negentropy reconciliation may cover; a filter matching
-    /// more is answered `NEG-ERR blocked: this query is too big`.
-    #[arg(long, env = "RELAY_NEG_MAX_ITEMS", default_value_t = 500_000)]
+    /// more is answered `NEG-ERR blocked: this query is too big`. Every round loads the set
+    /// again, so this bounds the rows one `NEG-MSG` can make a worker read.
+    #[arg(long, env = "RELAY_NEG_MAX_ITEMS", default_value_t = 100_000)]
     pub neg_max_items: u64,
+    /// The database time one REQ, COUNT or negentropy round may take, in milliseconds.
+    /// Postgres cancels a statement that runs longer, and a REQ whose filters together
+    /// take longer stops before its next filter; either way the client gets
+    /// `CLOSED error:` (`NEG-ERR error:`) and the worker moves on.
+    #[arg(long, env = "RELAY_QUERY_TIMEOUT_MS", default_value_t = 3000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub query_timeout_ms: u64,
 }
 
 /// Runs until `shutdown` completes; `metrics` is served on the worker's HTTP port.

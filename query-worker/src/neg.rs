@@ -28,6 +28,10 @@ pub async fn reconcile(
         load_items(db, filter, viewer, max_items)
             .await
             .map_err(|e| {
+                if e.is_timeout() {
+                    tracing::warn!("loading negentropy items ran out of time");
+                    return "error: the query ran out of database time; reconcile a narrower filter".to_owned();
+                }
                 tracing::error!(error = %e, "loading negentropy items failed");
                 "error: could not query the database".to_owned()
             })?

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use futures_util::future::join_all;
@@ -30,6 +30,43 @@ impl Query {
     }
 }
 
+/// Why a request got no results.
+enum Failure {
+    /// It used up its database time (milliseconds).
+    TimedOut(u64),
+    /// Postgres failed.
+    Store(StoreError),
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure::Store(e)
+    }
+}
+
+impl Failure {
+    /// The `error:` reason the client gets.
+    fn reason(&self) -> String {
+        match self {
+            Failure::TimedOut(ms) => format!(
+                "error: the query ran out of its {ms} ms of database time; ask for fewer events or narrower filters"
+            ),
+            Failure::Store(_) => "error: could not query the database".to_owned(),
+        }
+    }
+
+    fn log(&self, req: &QueryRequest) {
+        match self {
+            Failure::TimedOut(ms) => {
+                metrics::counter!("nostr_query_timeouts_total", "kind" => req.kind.name())
+                    .increment(1);
+                tracing::warn!(sub = %req.sub_id, ms, "query ran out of time");
+            }
+            Failure::Store(e) => tracing::error!(error = %e, sub = %req.sub_id, "query failed"),
+        }
+    }
+}
+
 /// One stored row.
 struct Row {
     id: EventId,
@@ -38,6 +75,11 @@ struct Row {
 }
 
 impl Handler for Query {
+    /// Statements cut off at the query budget (`RELAY_QUERY_TIMEOUT_MS`).
+    fn pool(&self, db: &shared::config::DatabaseConfig) -> Result<Pool, StoreError> {
+        shared::store::read_pool(db, self.budget())
+    }
+
     async fn handle(&mut self, ctx: &Context, entries: &[Entry]) -> redis::Pipeline {
         let requests = entries.iter().filter_map(|entry| {
             match entry.payload.as_deref().map(bus::decode::<QueryRequest>) {
@@ -72,27 +114,38 @@ impl Query {
         let channel = ctx.bus.gateway_channel(&req.gateway);
         let mut redis = ctx.redis.clone();
         let started = Instant::now();
+        // The gateway checked these already; a worker does not trust the bus with its time.
+        let refused = self.config.limits.check(&req.filters).err();
         let messages: Vec<String> = match &req.kind {
-            QueryKind::Events => match self.run_filters(&ctx.db, &req).await {
-                Ok(rows) => {
-                    tracing::Span::current().record("nostr.results", rows.len());
-                    self.chunks(&req, rows, trace)
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, sub = %req.sub_id, "query failed");
-                    vec![bus::encode(&GatewayReply::Closed {
+            QueryKind::Events => {
+                let rows = match refused {
+                    Some(reason) => Err(reason),
+                    None => self.run_filters(&ctx.db, &req).await.map_err(|e| {
+                        e.log(&req);
+                        e.reason()
+                    }),
+                };
+                match rows {
+                    Ok(rows) => {
+                        tracing::Span::current().record("nostr.results", rows.len());
+                        self.chunks(&req, rows, trace)
+                    }
+                    Err(message) => vec![bus::encode(&GatewayReply::Closed {
                         conn: req.conn,
                         req: req.req,
                         sub_id: req.sub_id.clone(),
-                        message: "error: could not query the database".into(),
-                    })]
+                        message,
+                    })],
                 }
-            },
+            }
             QueryKind::Count => {
-                let result = self.count(&ctx.db, &req).await.map_err(|e| {
-                    tracing::error!(error = %e, query = %req.sub_id, "count failed");
-                    "error: could not count in the database".to_owned()
-                });
+                let result = match refused {
+                    Some(reason) => Err(reason),
+                    None => self.count(&ctx.db, &req).await.map_err(|e| {
+                        e.log(&req);
+                        e.reason()
+                    }),
+                };
                 vec![bus::encode(&GatewayReply::Count {
                     conn: req.conn,
                     req: req.req,
@@ -101,12 +154,13 @@ impl Query {
                 })]
             }
             QueryKind::Negentropy { message } => {
-                let result = match req.filters.first() {
-                    Some(filter) => {
+                let result = match (refused, req.filters.first()) {
+                    (Some(reason), _) => Err(reason),
+                    (None, Some(filter)) => {
                         let max = self.config.neg_max_items;
                         crate::neg::reconcile(&ctx.db, filter, &req.viewer, message, max).await
                     }
-                    None => Err("invalid: NEG-OPEN needs one filter".to_owned()),
+                    (None, None) => Err("invalid: NEG-OPEN needs one filter".to_owned()),
                 };
                 vec![bus::encode(&GatewayReply::Neg {
                     conn: req.conn,
@@ -117,12 +171,18 @@ impl Query {
             }
         };
         let kind = req.kind.name();
-        metrics::histogram!("nostr_query_seconds", "kind" => kind)
-            .record(started.elapsed().as_secs_f64());
+        let spent = started.elapsed();
+        metrics::histogram!("nostr_query_seconds", "kind" => kind).record(spent.as_secs_f64());
         metrics::counter!("nostr_query_requests_total", "kind" => kind).increment(1);
         let mut pipe = redis::pipe();
         for m in messages {
             pipe.publish(&channel, m).ignore();
+        }
+        // The time spent is charged to the asking address (the gateway's query-time limit).
+        if let Some(key) = &req.cost_key {
+            let ms = u64::try_from(spent.as_millis()).unwrap_or(u64::MAX).max(1);
+            pipe.incr(key, ms).ignore();
+            pipe.expire(key, bus::COST_KEY_TTL_SECS).ignore();
         }
         let sent: redis::RedisResult<()> = pipe.query_async(&mut redis).await;
         if let Err(e) = sent {
@@ -130,10 +190,17 @@ impl Query {
         }
     }
 
+    /// The most database time one request may take.
+    fn budget(&self) -> Duration {
+        Duration::from_millis(self.config.query_timeout_ms)
+    }
+
     /// Runs each filter and merges: duplicates dropped, newest first with ties by lowest id
-    /// (for a search, the order of relevance is kept).
-    async fn run_filters(&self, db: &Pool, req: &QueryRequest) -> Result<Vec<Row>, StoreError> {
-        let client = db.get().await?;
+    /// (for a search, the order of relevance is kept). Each statement is cut off by
+    /// Postgres at the budget; a filter does not start once the budget is spent.
+    async fn run_filters(&self, db: &Pool, req: &QueryRequest) -> Result<Vec<Row>, Failure> {
+        let started = Instant::now();
+        let client = db.get().await.map_err(StoreError::from)?;
         let now = shared::unix_now();
         let mut seen = HashSet::new();
         let mut rows = Vec::new();
@@ -142,8 +209,11 @@ impl Query {
             if limit == 0 {
                 continue;
             }
+            if started.elapsed() >= self.budget() {
+                return Err(Failure::TimedOut(self.config.query_timeout_ms));
+            }
             let q = events_query(filter, &req.viewer, now, limit as i64);
-            let found = q.fetch(&client).await?;
+            let found = q.fetch(&client).await.map_err(|e| self.failure(e))?;
             for row in found {
                 let id_bytes: &[u8] = row.get(0);
                 let Some(id) = EventId::from_slice(id_bytes) else {
@@ -165,16 +235,27 @@ impl Query {
     }
 
     /// Counts the events matching any filter.
-    async fn count(&self, db: &Pool, req: &QueryRequest) -> Result<u64, StoreError> {
+    async fn count(&self, db: &Pool, req: &QueryRequest) -> Result<u64, Failure> {
         let filters: Vec<_> = req.filters.iter().filter(|f| !f.is_empty_set()).collect();
         if filters.is_empty() {
             return Ok(0);
         }
-        let client = db.get().await?;
+        let client = db.get().await.map_err(StoreError::from)?;
         let q = count_query(&filters, &req.viewer, shared::unix_now());
-        let stmt = client.prepare_cached(&q.sql).await?;
-        let n: i64 = client.query_one(&stmt, &q.param_refs()).await?.get(0);
+        let counted = async {
+            let stmt = client.prepare_cached(&q.sql).await?;
+            Ok::<i64, StoreError>(client.query_one(&stmt, &q.param_refs()).await?.get(0))
+        };
+        let n = counted.await.map_err(|e| self.failure(e))?;
         Ok(n.max(0) as u64)
+    }
+
+    fn failure(&self, e: StoreError) -> Failure {
+        if e.is_timeout() {
+            Failure::TimedOut(self.config.query_timeout_ms)
+        } else {
+            Failure::Store(e)
+        }
     }
 
     /// Splits the rows into reply messages; the last (possibly empty) one carries EOSE.

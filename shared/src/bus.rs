@@ -9,6 +9,8 @@
 //! <prefix>:live             channel  ingest workers → gateways  a Batch of LiveEvent
 //! <prefix>:workers:<role>   zset     worker heartbeats (member = consumer, score = unix ms)
 //! <prefix>:rl:<what>:<who>:<minute>  counter  gateways' rate limits (expire after 2 min)
+//! <prefix>:nip98:<sig>      string   NIP-98 authorizations used (expire after 2 windows)
+//! <prefix>:public-url       string   ingest workers' RELAY_PUBLIC_URL (gateways compare theirs)
 //! <prefix>:moderation       hash     NIP-86 snapshot (fields version, state), see moderation
 //! <prefix>:moderation       channel  ingest workers → everyone: a new snapshot version
 //! <prefix>:admin:<gateway>  channel  ingest workers → one gateway   AdminReply
@@ -170,8 +172,7 @@ pub struct Viewer {
 impl Viewer {
     /// Whether this viewer may see `event`.
     pub fn may_see(&self, event: &crate::event::Event) -> bool {
-        !self.restricted_kinds.contains(&event.kind)
-            || self.authed.iter().any(|pk| event.involves(pk))
+        !self.restricted_kinds.contains(&event.kind) || event.involves_any(&self.authed)
     }
 }
 
@@ -197,7 +198,15 @@ pub struct QueryRequest {
     /// Trace context.
     #[serde(default, skip_serializing_if = "TraceContext::is_empty")]
     pub trace: TraceContext,
+    /// The Redis counter the database time of this request is added to (milliseconds): the
+    /// asking address's query-time rate limit, which the gateway checks before each query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_key: Option<String>,
 }
+
+/// How long a query-time counter ([`QueryRequest::cost_key`]) lives, in seconds: two of the
+/// gateway's one-minute windows.
+pub const COST_KEY_TTL_SECS: i64 = 120;
 
 /// A stored event as it travels back to a gateway: its id (for duplicate suppression) and
 /// its JSON, verbatim.
@@ -427,6 +436,18 @@ impl Bus {
     /// A rate-limit counter: `what` (e.g. events per IP) for `who` in time window `window`.
     pub fn rate_key(&self, what: &str, who: &str, window: i64) -> String {
         format!("{}:rl:{what}:{who}:{window}", self.prefix)
+    }
+
+    /// The public URL setting the ingest workers run with, for gateways to compare theirs
+    /// with ([`advertise_public_url`]).
+    pub fn public_url_key(&self) -> String {
+        format!("{}:public-url", self.prefix)
+    }
+
+    /// Marks a NIP-98 authorization (by its signature) as used: the management API refuses
+    /// a replay.
+    pub fn used_authorization_key(&self, sig: &crate::event::Signature) -> String {
+        format!("{}:nip98:{}", self.prefix, sig.to_hex())
     }
 
     /// The hash holding the moderation snapshot (NIP-86), see [`crate::moderation`].
@@ -713,6 +734,43 @@ pub async fn heartbeat(
         .query_async(conn)
         .await?;
     Ok(())
+}
+
+/// Every gateway and ingest worker of a cluster must decide "addressed to this relay" by the
+/// same `RELAY_PUBLIC_URL`. An ingest worker keeps its setting (`""` when unset) under
+/// [`Bus::public_url_key`], rewritten every `every` and expiring after five of them;
+/// [`advertised_public_url`] reads it for the gateways' `/readyz`. Runs until the process
+/// ends.
+pub async fn advertise_public_url(
+    mut conn: ConnectionManager,
+    bus: Bus,
+    setting: String,
+    every: Duration,
+) {
+    let key = bus.public_url_key();
+    let ttl = u64::try_from(every.as_millis().saturating_mul(5)).unwrap_or(u64::MAX);
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let set: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(&key)
+            .arg(&setting)
+            .arg("PX")
+            .arg(ttl.max(1))
+            .query_async(&mut conn)
+            .await;
+        if let Err(e) = set {
+            tracing::debug!(error = %e, "cannot advertise RELAY_PUBLIC_URL");
+        }
+    }
+}
+
+/// The `RELAY_PUBLIC_URL` setting live ingest workers advertise, if any does.
+pub async fn advertised_public_url(
+    conn: &mut ConnectionManager,
+    bus: &Bus,
+) -> Result<Option<String>, BusError> {
+    Ok(conn.get(bus.public_url_key()).await?)
 }
 
 /// How many workers of a role sent a heartbeat within `fresh`.

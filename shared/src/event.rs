@@ -449,26 +449,46 @@ impl Event {
     }
 
     /// NIP-70: whether this is a repost (kind 6 or 16) whose content embeds a protected
-    /// event, which "MUST NOT" be embedded. Only the embedded event's tags are read: any
-    /// JSON object with a `["-"]` tag counts, signed or not.
+    /// event, which "MUST NOT" be embedded, or may embed one. Only the embedded event's tags
+    /// are read: any JSON object with a `["-"]` tag counts, signed or not. Content that
+    /// names `"tags"` but does not parse strictly (a repeated key, a lone surrogate, tags
+    /// of the wrong shape) counts too: clients' more lenient parsers (JavaScript keeps the
+    /// last of repeated keys) could see a protected event in it.
     pub fn embeds_protected_event(&self) -> bool {
+        /// Serde refuses a repeated `tags` key, which is what makes this strict.
         #[derive(Deserialize)]
         struct Embedded {
-            tags: Vec<Vec<serde_json::Value>>,
+            tags: Option<Vec<Vec<serde_json::Value>>>,
         }
         if !matches!(self.kind, Kind(6) | Kind(16)) || !self.content.trim_start().starts_with('{') {
             return false;
         }
-        serde_json::from_str::<Embedded>(&self.content).is_ok_and(|e| {
-            e.tags
+        match serde_json::from_str::<Embedded>(&self.content) {
+            Ok(Embedded { tags: Some(tags) }) => tags
                 .iter()
-                .any(|t| t.len() == 1 && t[0].as_str() == Some("-"))
-        })
+                .any(|t| t.len() == 1 && t[0].as_str() == Some("-")),
+            Ok(Embedded { tags: None }) => false,
+            Err(_) => self.content.contains("\"tags\""),
+        }
     }
 
     /// Whether `pubkey` is the author or is named in one of the event's `p` tags.
     pub fn involves(&self, pubkey: &PubKey) -> bool {
-        self.pubkey == *pubkey || self.tag_values("p").any(|p| p == pubkey.to_hex())
+        self.involves_any(std::slice::from_ref(pubkey))
+    }
+
+    /// Whether any of `pubkeys` is the author or is named in one of the event's `p` tags.
+    /// Each `p` value is decoded once and looked up, so the cost does not grow with
+    /// `pubkeys` times the tags' hex encoding.
+    pub fn involves_any(&self, pubkeys: &[PubKey]) -> bool {
+        if pubkeys.is_empty() {
+            return false;
+        }
+        pubkeys.contains(&self.pubkey)
+            || self
+                .tag_values("p")
+                .filter_map(|p| PubKey::from_hex(p).ok())
+                .any(|p| pubkeys.contains(&p))
     }
 
     /// The indexed tags: `(letter, first value)` for every tag whose name is one ASCII letter
@@ -624,7 +644,9 @@ pub mod signing {
             self.pubkey
         }
 
-        /// Builds, hashes and signs an event.
+        /// Builds, hashes and signs an event. The signature uses fresh auxiliary randomness
+        /// (BIP-340's recommendation), so signing the same event twice gives two signatures,
+        /// as clients' do: a NIP-98 authorization is then never a replay of an earlier one.
         pub fn sign(
             &self,
             created_at: i64,
@@ -634,7 +656,8 @@ pub mod signing {
         ) -> Event {
             let content = content.into();
             let id = compute_id(&self.pubkey, created_at, kind, &tags, &content);
-            let sig = secp256k1::schnorr::sign_no_aux_rand(id.as_bytes(), &self.keypair);
+            let aux: [u8; 32] = rand::random();
+            let sig = secp256k1::schnorr::sign_with_aux_rand(id.as_bytes(), &self.keypair, &aux);
             Event {
                 id,
                 pubkey: self.pubkey,
@@ -828,6 +851,15 @@ mod tests {
         assert!(!repost(6, open.to_json()).embeds_protected_event());
         assert!(!repost(6, String::new()).embeds_protected_event());
         assert!(!repost(6, "not json".into()).embeds_protected_event());
+        // A repeated "tags" key: JavaScript keeps the last (protected), so it is suspect.
+        let twice = r#"{"kind":1,"tags":[],"content":"x","tags":[["-"]]}"#;
+        assert!(repost(6, twice.into()).embeds_protected_event());
+        let twice_open = r#"{"tags":[["-"]],"tags":[]}"#;
+        assert!(repost(6, twice_open.into()).embeds_protected_event());
+        // Not strictly JSON but naming tags: suspect too; an object without tags is not.
+        let surrogate = r#"{"content":"\ud800","tags":[["-"]]}"#;
+        assert!(repost(6, surrogate.into()).embeds_protected_event());
+        assert!(!repost(6, r#"{"kind":1}"#.into()).embeds_protected_event());
         // Only reposts: a note quoting the JSON is left alone.
         assert!(!repost(1, protected.to_json()).embeds_protected_event());
     }

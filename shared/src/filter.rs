@@ -31,6 +31,16 @@ pub enum FilterError {
     /// A key this relay does not know (NIP-01 suggests `unsupported:` for these).
     #[error("filter contains unknown element {0:?}")]
     Unknown(String),
+    /// A list or a search holds more than the relay serves ([`FilterLimits`]).
+    #[error("filter field {field} has {count} values; the limit is {limit}")]
+    TooBig {
+        /// The offending key (`ids`, `#t`, `search`…).
+        field: String,
+        /// How many distinct values (or search words) it holds.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 impl FilterError {
@@ -38,12 +48,28 @@ impl FilterError {
     pub fn prefix(&self) -> &'static str {
         match self {
             FilterError::Unknown(_) => "unsupported",
-            FilterError::NotObject | FilterError::BadField { .. } => "invalid",
+            FilterError::NotObject | FilterError::BadField { .. } | FilterError::TooBig { .. } => {
+                "invalid"
+            }
         }
     }
 }
 
+/// How big a filter may be: what one `REQ`, `COUNT` or `NEG-OPEN` may make the relay
+/// index, match and query. Past a limit the request is refused with `invalid:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FilterLimits {
+    /// Distinct values in one list of one filter: `ids`, `authors`, `kinds`, or one `#x`.
+    pub max_values: usize,
+    /// Distinct words in one filter's `search`.
+    pub max_search_words: usize,
+}
+
 /// One NIP-01 filter. `None` means the condition is absent; an empty list matches nothing.
+///
+/// Every list is sorted and holds each value once (a repeated value asks for nothing more),
+/// so matching a live event looks each condition up by binary search, whatever the list's
+/// length.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Filter {
     /// Event ids, any of which may match.
@@ -112,7 +138,80 @@ impl Filter {
                 },
             }
         }
+        if let Some(ids) = &mut filter.ids {
+            sort_dedup(ids);
+        }
+        if let Some(authors) = &mut filter.authors {
+            sort_dedup(authors);
+        }
+        if let Some(kinds) = &mut filter.kinds {
+            sort_dedup(kinds);
+        }
+        for values in filter.tags.values_mut() {
+            sort_dedup(values);
+        }
         Ok(filter)
+    }
+
+    /// Refuses a filter bigger than `limits` allow; the error names the field.
+    pub fn check_limits(&self, limits: &FilterLimits) -> Result<(), FilterError> {
+        let lists = [
+            ("ids", self.ids.as_ref().map(Vec::len)),
+            ("authors", self.authors.as_ref().map(Vec::len)),
+            ("kinds", self.kinds.as_ref().map(Vec::len)),
+        ];
+        let tags = self
+            .tags
+            .iter()
+            .map(|(letter, values)| (format!("#{letter}"), values.len()));
+        let too_big = |field: String, count: usize, limit: usize| FilterError::TooBig {
+            field,
+            count,
+            limit,
+        };
+        for (field, count) in lists
+            .into_iter()
+            .filter_map(|(f, n)| Some((f.to_owned(), n?)))
+            .chain(tags)
+        {
+            if count > limits.max_values {
+                return Err(too_big(field, count, limits.max_values));
+            }
+        }
+        let words = self.search.as_ref().map_or(0, Search::word_count);
+        if words > limits.max_search_words {
+            return Err(too_big("search".into(), words, limits.max_search_words));
+        }
+        Ok(())
+    }
+
+    /// Distinct values in all of this filter's lists (what a `REQ`'s total is counted in).
+    pub fn value_count(&self) -> usize {
+        self.ids.as_ref().map_or(0, Vec::len)
+            + self.authors.as_ref().map_or(0, Vec::len)
+            + self.kinds.as_ref().map_or(0, Vec::len)
+            + self.tags.values().map(Vec::len).sum::<usize>()
+            + self.search.as_ref().map_or(0, Search::word_count)
+    }
+
+    /// About how many bytes of memory this filter holds, for bounding what one connection's
+    /// subscriptions may keep in a gateway.
+    pub fn approx_bytes(&self) -> usize {
+        const ENTRY: usize = std::mem::size_of::<String>();
+        std::mem::size_of::<Filter>()
+            + self.ids.as_ref().map_or(0, |v| v.len() * 32)
+            + self.authors.as_ref().map_or(0, |v| v.len() * 32)
+            + self.kinds.as_ref().map_or(0, |v| v.len() * 2)
+            + self
+                .tags
+                .values()
+                .flatten()
+                .map(|v| v.len() + ENTRY)
+                .sum::<usize>()
+            + self
+                .search
+                .as_ref()
+                .map_or(0, |s| 2 * s.query().len() + ENTRY * s.word_count())
     }
 
     /// Whether `event` satisfies every condition of this filter (`limit` is ignored).
@@ -124,17 +223,17 @@ impl Filter {
     /// is matched against (live delivery), so a search lowercases the content only once.
     pub fn matches_live(&self, event: &Event, text: &LiveText<'_>) -> bool {
         if let Some(ids) = &self.ids
-            && !ids.contains(&event.id)
+            && ids.binary_search(&event.id).is_err()
         {
             return false;
         }
         if let Some(authors) = &self.authors
-            && !authors.contains(&event.pubkey)
+            && authors.binary_search(&event.pubkey).is_err()
         {
             return false;
         }
         if let Some(kinds) = &self.kinds
-            && !kinds.contains(&event.kind)
+            && kinds.binary_search(&event.kind).is_err()
         {
             return false;
         }
@@ -145,9 +244,9 @@ impl Filter {
             return false;
         }
         let tags_match = self.tags.iter().all(|(letter, wanted)| {
-            event
-                .indexed_tags()
-                .any(|(l, v)| l == *letter && wanted.iter().any(|w| w == v))
+            event.indexed_tags().any(|(l, v)| {
+                l == *letter && wanted.binary_search_by(|w| w.as_str().cmp(v)).is_ok()
+            })
         });
         // Last: it lowercases the content (once per event).
         tags_match
@@ -166,6 +265,12 @@ impl Filter {
             || self.tags.values().any(Vec::is_empty)
             || matches!((self.since, self.until), (Some(s), Some(u)) if s > u)
     }
+}
+
+/// Sorts a list and drops repeated values.
+fn sort_dedup<T: Ord>(list: &mut Vec<T>) {
+    list.sort_unstable();
+    list.dedup();
 }
 
 fn bad(key: &str, reason: &'static str) -> FilterError {

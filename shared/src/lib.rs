@@ -1,5 +1,6 @@
 //! The protocol and bus contract shared by the gateway and the workers.
 //!
+//! - [`address`]: client addresses as limits count them (IPv6 by /64).
 //! - [`event`]: NIP-01 events, typed ids and keys, canonical serialization, id and BIP-340
 //!   signature checks, kind classes.
 //! - [`filter`]: NIP-01 filters, their parsing and in-memory matching.
@@ -25,6 +26,7 @@
 //! crate and never on each other.
 #![deny(missing_docs)]
 
+pub mod address;
 pub mod bus;
 pub mod config;
 pub mod event;

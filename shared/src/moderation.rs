@@ -58,10 +58,14 @@ pub struct Moderation {
 
 impl Moderation {
     /// Why `event` may not be published here (`blocked: ...`), or `None`. A request to vanish
-    /// addressed to this relay, whose host is `relay_host` ([`crate::vanish`]), is never
+    /// addressed to this relay, whose URLs are `relay_urls` ([`crate::vanish`]), is never
     /// refused: NIP-62 has it followed regardless of the user's status.
-    pub fn refuses(&self, event: &Event, relay_host: Option<&str>) -> Option<String> {
-        if crate::vanish::is_addressed_here(event, relay_host) {
+    pub fn refuses(
+        &self,
+        event: &Event,
+        relay_urls: Option<&crate::config::RelayUrls>,
+    ) -> Option<String> {
+        if crate::vanish::is_addressed_here(event, relay_urls) {
             return None;
         }
         if let Some(reason) = self.banned_events.get(&event.id) {
@@ -82,9 +86,19 @@ impl Moderation {
         None
     }
 
-    /// Whether connections from `ip` are refused.
+    /// Whether connections from `ip` are refused: its address is blocked or, for IPv6, any
+    /// address of its /64 is (as [`crate::address`] counts clients).
     pub fn blocks_ip(&self, ip: IpAddr) -> bool {
-        self.blocked_ips.contains_key(&canonical_ip(ip))
+        match canonical_ip(ip) {
+            v4 @ IpAddr::V4(_) => self.blocked_ips.contains_key(&v4),
+            IpAddr::V6(v6) => {
+                let (first, last) = crate::address::prefix_range(v6);
+                self.blocked_ips
+                    .range(IpAddr::V6(first)..=IpAddr::V6(last))
+                    .next()
+                    .is_some()
+            }
+        }
     }
 }
 
@@ -96,14 +110,7 @@ fn with_reason(message: &str, reason: &str) -> String {
     }
 }
 
-/// An IPv4-mapped IPv6 address as its IPv4 address, so `::ffff:1.2.3.4` and `1.2.3.4` are
-/// one entry.
-pub fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        IpAddr::V4(_) => ip,
-    }
-}
+pub use crate::address::canonical_ip;
 
 /// One change an admin asked for (the NIP-86 methods that write).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -412,8 +419,10 @@ mod tests {
         // NIP-62: a request to vanish addressed here is followed whatever the author's status.
         let relay = |r: &str| vec![vec!["relay".to_owned(), r.to_owned()]];
         let vanish = alice.sign(2, Kind(62), relay("wss://relay.test"), "");
-        assert_eq!(m.refuses(&vanish, Some("relay.test")), None);
-        assert!(m.refuses(&vanish, Some("other.test")).is_some());
+        let here = crate::config::RelayUrls::parse("wss://relay.test").expect("valid");
+        let other = crate::config::RelayUrls::parse("wss://other.test").expect("valid");
+        assert_eq!(m.refuses(&vanish, Some(&here)), None);
+        assert!(m.refuses(&vanish, Some(&other)).is_some());
         let everywhere = alice.sign(2, Kind(62), relay("ALL_RELAYS"), "");
         assert_eq!(m.refuses(&everywhere, None), None);
         m.banned_pubkeys.clear();
@@ -431,6 +440,11 @@ mod tests {
             .insert("127.0.0.1".parse().expect("ip"), String::new());
         assert!(m.blocks_ip("::ffff:127.0.0.1".parse().expect("ip")));
         assert!(!m.blocks_ip("127.0.0.2".parse().expect("ip")));
+        // IPv6: a blocked address blocks its /64, and nothing beyond.
+        m.blocked_ips
+            .insert("2001:db8:1:2::5".parse().expect("ip"), String::new());
+        assert!(m.blocks_ip("2001:db8:1:2:ffff::1".parse().expect("ip")));
+        assert!(!m.blocks_ip("2001:db8:1:3::5".parse().expect("ip")));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use sha2::{Digest, Sha256};
 
-use crate::event::{Event, Kind, PubKey};
+use crate::event::{Event, Kind};
 
 /// The NIP-98 event kind.
 pub const HTTP_AUTH_KIND: Kind = Kind(27235);
@@ -65,17 +65,19 @@ pub struct Request<'a> {
 }
 
 /// Checks an `Authorization` header value against `request` at time `now` (unix seconds),
-/// accepting a `created_at` at most `max_skew_secs` from it, and returns the signer. The
-/// `payload` tag is required (NIP-86), even for an empty body.
+/// accepting a `created_at` at most `max_skew_secs` from it, and returns the verified
+/// authorization event (its `pubkey` is the signer; its `id` lets the caller refuse a
+/// second use within the window). The `payload` tag is required (NIP-86), even for an
+/// empty body.
 pub fn verify_header(
     header: Option<&str>,
     request: &Request<'_>,
     now: i64,
     max_skew_secs: u64,
-) -> Result<PubKey, AuthError> {
+) -> Result<Event, AuthError> {
     let event = parse_header(header.ok_or(AuthError::Missing)?)?;
     verify_event(&event, request, now, max_skew_secs)?;
-    Ok(event.pubkey)
+    Ok(event)
 }
 
 /// Decodes `Nostr <base64 event JSON>` into a structurally valid event (not yet verified).
@@ -147,31 +149,7 @@ pub fn http_url(relay_url: &str) -> String {
     }
 }
 
-/// A URL in the form two URLs naming the same resource share: scheme and host lowercased,
-/// the scheme's default port dropped, an empty path written `/`, a fragment removed. Path
-/// and query are kept exactly (NIP-98 compares them exactly).
-pub fn normalize_url(url: &str) -> String {
-    let url = url.trim();
-    let url = url.split('#').next().unwrap_or(url);
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let scheme = scheme.to_ascii_lowercase();
-    let split = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(split);
-    let mut authority = authority.to_ascii_lowercase();
-    if let Some(port) = crate::config::default_port(&scheme)
-        && let Some(host) = authority.strip_suffix(port)
-    {
-        authority = host.to_owned();
-    }
-    let tail = if tail.starts_with('/') {
-        tail.to_owned()
-    } else {
-        format!("/{tail}")
-    };
-    format!("{scheme}://{authority}{tail}")
-}
+pub use crate::config::normalize_url;
 
 /// A complete `Authorization` header value (`Nostr <base64>`) signed by `keys` for a request
 /// to `url` with `method` and `body`, dated `now`. For clients, tools and tests.
@@ -227,13 +205,13 @@ mod tests {
         let keys = Keys::generate();
         let header = authorization(&keys, URL, "POST", BODY, NOW);
         assert_eq!(
-            verify_header(Some(&header), &request(), NOW + 30, WINDOW),
+            verify_header(Some(&header), &request(), NOW + 30, WINDOW).map(|e| e.pubkey),
             Ok(keys.pubkey())
         );
         // The window is the caller's: 90 s late is stale in 60 s and fine in 120 s.
         assert!(verify_header(Some(&header), &request(), NOW + 90, WINDOW).is_err());
         assert_eq!(
-            verify_header(Some(&header), &request(), NOW + 90, 120),
+            verify_header(Some(&header), &request(), NOW + 90, 120).map(|e| e.pubkey),
             Ok(keys.pubkey())
         );
     }

@@ -36,13 +36,28 @@ pub struct Search {
 impl Search {
     /// A search for `query`.
     pub fn new(query: String) -> Self {
-        let terms = query
+        let mut terms: Vec<String> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let words = query
             .split_whitespace()
             .filter(|w| !w.contains(':'))
             .map(|w| w.replace('\0', "").to_lowercase())
-            .filter(|w| !w.is_empty())
-            .collect();
+            .filter(|w| !w.is_empty());
+        // A repeated word asks for nothing more; kept once, in the order given.
+        for word in words {
+            if seen.insert(word.clone()) {
+                terms.push(word);
+            }
+        }
         Search { query, terms }
+    }
+
+    /// How many distinct words the query holds (what `FilterLimits::max_search_words`
+    /// bounds).
+    ///
+    /// [`FilterLimits::max_search_words`]: crate::filter::FilterLimits::max_search_words
+    pub fn word_count(&self) -> usize {
+        self.terms.len()
     }
 
     /// The query as the client sent it.

@@ -48,6 +48,19 @@ pub enum StoreError {
     Corrupt(&'static str),
 }
 
+impl StoreError {
+    /// Whether Postgres cancelled the statement because it ran past its statement timeout
+    /// (see [`read_pool`]).
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            StoreError::Postgres(e) => {
+                e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Schema versions in order. Each runs once, in a transaction, under an advisory lock so
 /// that workers starting together do not race.
 const MIGRATIONS: &[(i32, &str)] = &[
@@ -256,6 +269,14 @@ pub fn write_pool(config: &DatabaseConfig) -> Result<Pool, StoreError> {
     build_pool(config, Some("-c plan_cache_mode=force_generic_plan"))
 }
 
+/// Like [`pool`], but every statement is cancelled by Postgres after `statement_timeout`
+/// (it then fails with [`StoreError::is_timeout`]), so no query can hold a connection and a
+/// core for longer. For the query workers, whose statements come from clients' filters.
+pub fn read_pool(config: &DatabaseConfig, statement_timeout: Duration) -> Result<Pool, StoreError> {
+    let ms = statement_timeout.as_millis().max(1);
+    build_pool(config, Some(&format!("-c statement_timeout={ms}")))
+}
+
 fn build_pool(config: &DatabaseConfig, options: Option<&str>) -> Result<Pool, StoreError> {
     let mut pg = tokio_postgres::Config::from_str(&config.database_url).map_err(StoreError::Url)?;
     if let Some(options) = options {
@@ -301,6 +322,9 @@ pub async fn migrate(pool: &Pool, give_up_after: Duration) -> Result<(), StoreEr
 async fn try_migrate(pool: &Pool) -> Result<(), StoreError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
+    // A migration may take long on a big database; a read pool's statement timeout must not
+    // cut it off.
+    tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
     tx.batch_execute(

@@ -5,6 +5,7 @@
 //! It is followed "regardless of the user's status": a banned or not-allowed pubkey, a kind
 //! outside the allow list or a connection that did not authenticate can still vanish.
 
+use crate::config::RelayUrls;
 use crate::event::{Event, Kind};
 
 /// The kind of a request to vanish.
@@ -13,15 +14,15 @@ pub const REQUEST_KIND: Kind = Kind(62);
 /// The `relay` tag value that addresses every relay.
 pub const ALL_RELAYS: &str = "ALL_RELAYS";
 
-/// Whether `event` is a request to vanish addressed to this relay, whose host is
-/// `relay_host` ([`crate::config::relay_host`] of its public URL) when it has one: kind 62
-/// with a `relay` tag naming this relay or [`ALL_RELAYS`]. Without a public URL only
+/// Whether `event` is a request to vanish addressed to this relay, whose public URLs are
+/// `urls` when it has them: kind 62 with a `relay` tag naming this relay
+/// ([`RelayUrls::names_this_relay`]) or [`ALL_RELAYS`]. Without a public URL only
 /// [`ALL_RELAYS`] requests are.
-pub fn is_addressed_here(event: &Event, relay_host: Option<&str>) -> bool {
+pub fn is_addressed_here(event: &Event, urls: Option<&RelayUrls>) -> bool {
     event.kind == REQUEST_KIND
-        && event.tag_values("relay").any(|r| {
-            r == ALL_RELAYS || relay_host.is_some_and(|h| crate::config::relay_host(r) == h)
-        })
+        && event
+            .tag_values("relay")
+            .any(|r| r == ALL_RELAYS || urls.is_some_and(|u| u.names_this_relay(r)))
 }
 
 #[cfg(test)]
@@ -36,12 +37,14 @@ mod tests {
 
     #[test]
     fn requests_name_this_relay_or_all_relays() {
-        let here = Some("relay.test");
+        let urls = RelayUrls::parse("wss://relay.test").expect("valid");
+        let here = Some(&urls);
         assert!(is_addressed_here(&request(62, "wss://RELAY.test/"), here));
         assert!(is_addressed_here(&request(62, "ALL_RELAYS"), here));
         assert!(is_addressed_here(&request(62, "ALL_RELAYS"), None));
         assert!(!is_addressed_here(&request(62, "wss://relay.test"), None));
         assert!(!is_addressed_here(&request(62, "wss://other.test"), here));
+        assert!(!is_addressed_here(&request(62, "ws://relay.test"), here));
         assert!(!is_addressed_here(&request(62, "all_relays"), here));
         assert!(!is_addressed_here(&request(1, "ALL_RELAYS"), here));
     }

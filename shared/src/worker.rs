@@ -107,6 +107,12 @@ pub trait Handler: Clone + Send + 'static {
     /// tasks (they end with the process).
     fn start(&mut self, _ctx: &Context) {}
 
+    /// The database pool this handler's statements need ([`store::pool`] unless a role
+    /// wants other connection settings).
+    fn pool(&self, db: &DatabaseConfig) -> Result<Pool, StoreError> {
+        store::pool(db)
+    }
+
     /// Handles a batch; returns what is left to publish (possibly an empty pipeline).
     fn handle(
         &mut self,
@@ -144,10 +150,7 @@ pub async fn run<H: Handler>(
     let startup = Duration::from_secs(config.startup_timeout_secs);
     let block = Duration::from_millis(config.block_ms);
     let bus = Bus::new(bus_config);
-    let db = match role {
-        Role::Ingest => store::write_pool(db_config)?,
-        Role::Query => store::pool(db_config)?,
-    };
+    let db = handler.pool(db_config)?;
     store::migrate(&db, startup).await?;
     let redis = bus::connect(&bus_config.redis_url, Duration::from_secs(5), startup).await?;
     let name = config

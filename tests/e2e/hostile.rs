@@ -170,7 +170,7 @@ const EXPECTED: &[(&str, Expect)] = &[
     ("req-1000-filters.json", Closed("invalid:")),
     ("req-e-tag-10000-values.json", Notice("invalid:")),
     ("req-e-tag-7000-values.json", Eose),
-    ("req-t-tag-10000-values.json", Eose),
+    ("req-t-tag-10000-values.json", Closed("invalid:")),
     ("req-limit-u64-overflow.json", Closed("invalid:")),
     ("req-limit-u64-max.json", Eose),
     ("req-limit-negative.json", Closed("invalid:")),

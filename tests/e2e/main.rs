@@ -2,6 +2,7 @@
 //! Run with `make test` (it starts the services and sets `RELAY_TEST_*`).
 
 mod admin_cli;
+mod hardening;
 mod hostile;
 mod nip01;
 mod nip77;

@@ -54,10 +54,11 @@ async fn post(addr: SocketAddr, body: &str, authorization: Option<String>) -> (u
     (status, value)
 }
 
-/// A management call signed by `keys` (NIP-98, `u` = `http://<addr>/`): how a client signs.
+/// A management call signed by `keys` (NIP-98, `u` = the relay's public URL as HTTP): how
+/// a client signs.
 async fn call(addr: SocketAddr, keys: &Keys, method: &str, params: Value) -> (u16, Value) {
     let body = json!({"method": method, "params": params}).to_string();
-    let url = format!("http://{addr}/");
+    let url = nip98::http_url(relay_tests::PUBLIC_URL);
     let authorization = nip98::authorization(keys, &url, "POST", body.as_bytes(), now());
     post(addr, &body, Some(authorization)).await
 }
@@ -149,10 +150,21 @@ async fn unauthorized_requests_and_strangers_get_401() {
     let cluster = cluster(&admin).await;
     let addr = cluster.gateways[0].addr;
     let body = json!({"method": "supportedmethods", "params": []}).to_string();
-    let url = format!("http://{addr}/");
+    let url = nip98::http_url(relay_tests::PUBLIC_URL);
     let t = now();
     let cases = [
         ("no header", None),
+        (
+            // The address the request was sent to (its Host) is not the relay's URL.
+            "u of the Host header",
+            Some(nip98::authorization(
+                &admin,
+                &format!("http://{addr}/"),
+                "POST",
+                body.as_bytes(),
+                t,
+            )),
+        ),
         (
             "wrong u",
             Some(nip98::authorization(
@@ -226,6 +238,83 @@ async fn unauthorized_requests_and_strangers_get_401() {
     assert!(
         !methods.contains(&json!("supportedmethods")),
         "the other methods only: {methods:?}"
+    );
+    // An authorization works once: a replay within its time window is refused.
+    let signed = nip98::authorization(&admin, &url, "POST", body.as_bytes(), now());
+    let (status, answer) = post(addr, &body, Some(signed.clone())).await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = post(addr, &body, Some(signed)).await;
+    assert_eq!(status, 401, "replayed: {answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("used already")),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn without_a_public_url_auth_and_management_are_refused() {
+    let admin = Keys::generate();
+    let options = ClusterOptions::with_env(&[
+        ("RELAY_PUBLIC_URL", ""),
+        ("RELAY_ADMIN_PUBKEYS", &admin.pubkey().to_hex()),
+    ]);
+    let cluster = Cluster::start(options).await.expect("cluster starts");
+    let addr = cluster.gateways[0].addr;
+    // Signed for the address the request goes to: once accepted, now refused.
+    let body = json!({"method": "supportedmethods", "params": []}).to_string();
+    let signed = nip98::authorization(
+        &admin,
+        &format!("http://{addr}/"),
+        "POST",
+        body.as_bytes(),
+        now(),
+    );
+    let (status, answer) = post(addr, &body, Some(signed)).await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("RELAY_PUBLIC_URL")),
+        "{answer}"
+    );
+    assert!(
+        cluster
+            .log("gateway-0")
+            .contains("RELAY_PUBLIC_URL is not set"),
+        "the operator is told"
+    );
+    // No AUTH challenge is offered, and an AUTH naming the Host is refused.
+    let (mut ws, _) = tokio_tungstenite::connect_async(cluster.url())
+        .await
+        .expect("connects");
+    let keys = Keys::generate();
+    let auth = keys.sign(
+        now(),
+        shared::event::Kind(22242),
+        vec![
+            vec!["relay".into(), cluster.url()],
+            vec!["challenge".into(), "anything".into()],
+        ],
+        "",
+    );
+    use futures_util::{SinkExt, StreamExt};
+    ws.send(tokio_tungstenite::tungstenite::Message::text(format!(
+        "[\"AUTH\",{}]",
+        auth.to_json()
+    )))
+    .await
+    .expect("sends");
+    let first = tokio::time::timeout(relay_tests::WAIT, ws.next())
+        .await
+        .expect("an answer")
+        .expect("open")
+        .expect("a frame");
+    let text = first.into_text().expect("text").to_string();
+    assert!(
+        text.starts_with("[\"OK\"") && text.contains("\"restricted:"),
+        "no challenge first, then the refusal: {text}"
     );
 }
 

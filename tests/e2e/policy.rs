@@ -294,7 +294,7 @@ async fn nip42_auth_checks_challenge_relay_time_and_signature() {
     let cluster = Cluster::default_cluster().await;
     let mut c = cluster.client(0).await;
     let keys = Keys::generate();
-    let url = c.url.clone();
+    let url = c.relay_url.clone();
     let challenge = c.challenge.clone();
     let attempts: Vec<(Vec<Vec<String>>, i64, Kind, &str)> = vec![
         (

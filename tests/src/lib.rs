@@ -23,7 +23,14 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+
+/// The `RELAY_PUBLIC_URL` every test cluster's gateways and ingest workers get (unless a
+/// test sets its own): what NIP-42 `relay` tags, NIP-98 `u` tags and NIP-62 requests must
+/// name. Gateways listen on port 0, so this is not where they listen; like a relay behind a
+/// balancer, the public name and the listening address differ.
+pub const PUBLIC_URL: &str = "ws://relay.test";
 
 /// How long any single wait in a test may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -236,12 +243,15 @@ impl Cluster {
         cmd.env("RELAY_REDIS_URL", &self.services.redis_url)
             .env("RELAY_BUS_PREFIX", &self.prefix)
             .env("RELAY_DATABASE_URL", &self.db_url)
+            .env("RELAY_PUBLIC_URL", PUBLIC_URL)
             .env("RELAY_HEARTBEAT_MS", "300")
             .env("RELAY_BLOCK_MS", "500")
             // Tests publish fast from one address; the rate-limit tests set their own limits.
             .env("RELAY_RATE_EVENTS_PER_IP", "0")
             .env("RELAY_RATE_EVENTS_PER_PUBKEY", "0")
             .env("RELAY_RATE_REQS_PER_IP", "0")
+            .env("RELAY_RATE_QUERY_MS_PER_IP", "0")
+            .env("RELAY_RATE_AUTHS_PER_IP", "0")
             .env(
                 "RUST_LOG",
                 std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -319,9 +329,24 @@ impl Cluster {
 
     /// A client connected to gateway `index`.
     pub async fn client(&self, index: usize) -> Client {
-        Client::connect(&self.gateways[index].url())
+        let mut client = Client::connect(&self.gateways[index].url())
             .await
-            .expect("client connects")
+            .expect("client connects");
+        client.relay_url = self.public_url();
+        client
+    }
+
+    /// The relay's public URL: this cluster's `RELAY_PUBLIC_URL` (the first, if a test set
+    /// several), else [`PUBLIC_URL`].
+    pub fn public_url(&self) -> String {
+        self.options
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "RELAY_PUBLIC_URL")
+            .map_or(PUBLIC_URL, |(_, v)| v.split(',').next().unwrap_or(v))
+            .trim()
+            .to_owned()
     }
 
     /// A direct connection to this cluster's database, for checking what was stored.
@@ -376,6 +401,8 @@ pub struct Client {
     pub challenge: String,
     /// The URL connected to.
     pub url: String,
+    /// The relay's public URL, which [`Client::auth`] names ([`PUBLIC_URL`] unless set).
+    pub relay_url: String,
 }
 
 /// What publishing an event got back.
@@ -390,11 +417,30 @@ pub struct Ack {
 impl Client {
     /// Connects to a relay URL and reads the relay's NIP-42 challenge.
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
-        let (ws, _) = tokio::time::timeout(WAIT, connect_async(url)).await??;
+        Self::connect_request(url, url.into_client_request()?).await
+    }
+
+    /// Connects as if from `ip`, behind a load balancer: the upgrade request carries
+    /// `X-Forwarded-For: <ip>` (honoured by a gateway with `RELAY_TRUST_FORWARDED=true`),
+    /// so one test can play several client addresses.
+    pub async fn connect_from(url: &str, ip: &str) -> anyhow::Result<Self> {
+        let mut request = url.into_client_request()?;
+        request
+            .headers_mut()
+            .insert("x-forwarded-for", ip.parse().context("a header value")?);
+        Self::connect_request(url, request).await
+    }
+
+    async fn connect_request(
+        url: &str,
+        request: tokio_tungstenite::tungstenite::handshake::client::Request,
+    ) -> anyhow::Result<Self> {
+        let (ws, _) = tokio::time::timeout(WAIT, connect_async(request)).await??;
         let mut client = Client {
             ws,
             challenge: String::new(),
             url: url.to_owned(),
+            relay_url: PUBLIC_URL.to_owned(),
         };
         match RelayMessage::parse(&client.recv_text().await) {
             Some(RelayMessage::Auth(challenge)) => client.challenge = challenge,
@@ -406,7 +452,7 @@ impl Client {
     /// Authenticates as `keys` (NIP-42) and returns the relay's answer.
     pub async fn auth(&mut self, keys: &shared::event::signing::Keys) -> Ack {
         let tags = vec![
-            vec!["relay".to_owned(), self.url.clone()],
+            vec!["relay".to_owned(), self.relay_url.clone()],
             vec!["challenge".to_owned(), self.challenge.clone()],
         ];
         let event = keys.sign(shared::unix_now(), shared::event::Kind(22242), tags, "");
@@ -586,5 +632,96 @@ impl Client {
         self.next_event_within(sub_id, WAIT)
             .await
             .expect("a live event in time")
+    }
+}
+
+/// How quickly a [`Bystander`] must be served while an attack runs on its gateway.
+pub const BYSTANDER_BOUND: Duration = Duration::from_millis(500);
+
+/// A well-behaved client sharing a gateway with an attack: each [`Bystander::served`]
+/// round publishes a note and must get its `OK`, the note live on its own subscription,
+/// and a query for it answered with `EOSE`, each within [`BYSTANDER_BOUND`].
+pub struct Bystander {
+    client: Client,
+    keys: shared::event::signing::Keys,
+    rounds: i64,
+}
+
+impl Bystander {
+    /// Connects (from `ip`, when given: see [`Client::connect_from`]) and subscribes to its
+    /// own notes.
+    pub async fn connect(url: &str, ip: Option<&str>) -> Self {
+        let client = match ip {
+            Some(ip) => Client::connect_from(url, ip).await,
+            None => Client::connect(url).await,
+        };
+        let mut client = client.expect("bystander connects");
+        let keys = shared::event::signing::Keys::generate();
+        let mine = serde_json::json!({"authors": [keys.pubkey().to_hex()], "limit": 0});
+        client.send_req("bystander-live", &[mine]).await;
+        client.until_eose("bystander-live").await;
+        Bystander {
+            client,
+            keys,
+            rounds: 0,
+        }
+    }
+
+    /// One round; panics naming the step that was late.
+    pub async fn served(&mut self) {
+        self.rounds += 1;
+        let note = self.keys.sign(
+            shared::unix_now(),
+            shared::event::Kind(1),
+            vec![],
+            format!("bystander round {}", self.rounds),
+        );
+        let id = note.id.to_hex();
+        let started = tokio::time::Instant::now();
+        self.client
+            .send_text(format!("[\"EVENT\",{}]", note.to_json()))
+            .await;
+        let (mut ok, mut live) = (false, false);
+        while !(ok && live) {
+            let left = BYSTANDER_BOUND.saturating_sub(started.elapsed());
+            let Some(text) = self.client.recv_text_within(left).await else {
+                panic!(
+                    "bystander round {}: OK {ok}, live event {live} after {:?}",
+                    self.rounds,
+                    started.elapsed()
+                );
+            };
+            match RelayMessage::parse(&text) {
+                Some(RelayMessage::Ok {
+                    event_id,
+                    accepted,
+                    message,
+                }) if event_id == id => {
+                    assert!(accepted, "bystander's note refused: {message}");
+                    ok = true;
+                }
+                Some(RelayMessage::Event { sub_id, event })
+                    if sub_id == "bystander-live" && event.id == note.id =>
+                {
+                    live = true;
+                }
+                _ => {}
+            }
+        }
+        let query = serde_json::json!({"ids": [id]});
+        self.client.send_req("bystander-query", &[query]).await;
+        let found =
+            tokio::time::timeout(BYSTANDER_BOUND, self.client.until_eose("bystander-query"))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "bystander round {}: no EOSE within {BYSTANDER_BOUND:?}",
+                        self.rounds
+                    )
+                });
+        assert_eq!(found.len(), 1, "the bystander's note is stored");
+        self.client
+            .send_json(serde_json::json!(["CLOSE", "bystander-query"]))
+            .await;
     }
 }

@@ -5,6 +5,7 @@ use shared::event::Event;
 use shared::message::ok_frame;
 
 use crate::policy::AUTH_KIND;
+use crate::ratelimit::{self, Limit};
 use crate::session::Session;
 
 /// A client authenticating.
@@ -19,8 +20,14 @@ impl Authenticate {
     }
 
     /// Verifies and records the authentication; answers `OK` either way.
-    pub fn handle(self, session: &mut Session) {
+    pub async fn handle(self, session: &mut Session) {
         let id = self.event.id;
+        let state = &session.state;
+        let limit = Limit::auths_from_ip(session.ip, state.config.rate.auths_per_ip);
+        if let Some(limit) = ratelimit::exceeded(state, vec![limit]).await {
+            session.send(ok_frame(&id, false, &limit.to_string()));
+            return;
+        }
         match self.check(session) {
             Ok(()) => {
                 session.authenticate(self.event.pubkey);
@@ -32,6 +39,12 @@ impl Authenticate {
 
     fn check(&self, session: &Session) -> Result<(), String> {
         let ev = &self.event;
+        let Some(urls) = &session.state.relay_urls else {
+            return Err(
+                "restricted: this relay cannot authenticate anyone: its operator has not set its public URL"
+                    .into(),
+            );
+        };
         if ev.kind != AUTH_KIND {
             return Err("invalid: an AUTH event must be of kind 22242".into());
         }
@@ -41,13 +54,19 @@ impl Authenticate {
                 "invalid: created_at must be within {window} seconds of now"
             ));
         }
+        let max = session.state.config.auth.max_identities;
+        if session.authed.len() as u64 >= max && !session.authed.contains(&ev.pubkey) {
+            return Err(format!(
+                "restricted: this connection is authenticated as {max} pubkeys; the limit is {max}"
+            ));
+        }
         if ev.tag_values("challenge").next() != Some(session.challenge.as_str()) {
             return Err("invalid: the challenge does not match the one this relay sent".into());
         }
         let relay_ok = ev
             .tag_values("relay")
             .next()
-            .is_some_and(|url| shared::config::relay_host(url) == session.relay_host);
+            .is_some_and(|url| urls.names_this_relay(url));
         if !relay_ok {
             return Err("invalid: the relay tag does not name this relay".into());
         }

@@ -78,7 +78,7 @@ impl Command {
             Command::Event(c) => c.handle(session).await,
             Command::Req(c) => c.handle(session).await,
             Command::Close(c) => c.handle(session),
-            Command::Auth(c) => c.handle(session),
+            Command::Auth(c) => c.handle(session).await,
             Command::Count(c) => c.handle(session).await,
             Command::Neg(c) => c.handle(session).await,
         }

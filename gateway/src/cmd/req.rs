@@ -61,13 +61,17 @@ impl Subscribe {
             .cloned()
             .collect();
         let stored_done = query.is_empty();
-        state.registry.subscribe(
+        let registered = state.registry.subscribe(
             session.conn,
             self.sub_id.clone(),
             req,
             self.filters,
             stored_done,
         );
+        if let Err(too_big) = registered {
+            refuse(session, &self.sub_id, &too_big.to_string());
+            return;
+        }
         if stored_done {
             return;
         }
@@ -116,11 +120,16 @@ pub async fn admit(
 }
 
 /// Counts one query message (`REQ`, `COUNT`, `NEG-OPEN`, `NEG-MSG`) against the per-IP
-/// rate limit; over it, `Err` holds the `rate-limited:` reason for the client.
+/// rate limit, and checks the address's database time this minute; over either, `Err`
+/// holds the `rate-limited:` reason for the client.
 pub async fn within_req_rate(session: &Session) -> Result<(), String> {
     let state = &session.state;
-    let limit = Limit::reqs_from_ip(session.ip, state.config.rate.reqs_per_ip);
-    match ratelimit::exceeded(state, vec![limit]).await {
+    let rate = &state.config.rate;
+    let limits = vec![
+        Limit::reqs_from_ip(session.ip, rate.reqs_per_ip),
+        Limit::query_time_from_ip(session.ip, rate.query_ms_per_ip),
+    ];
+    match ratelimit::exceeded(state, limits).await {
         Some(limit) => Err(limit.to_string()),
         None => Ok(()),
     }
@@ -147,6 +156,7 @@ pub async fn send_query(
         kind,
         viewer,
         trace: TraceContext::of(&send),
+        cost_key: ratelimit::query_time_key(state, session.ip),
     };
     let mut redis = state.redis.clone();
     bus::add_entry(&mut redis, &stream, &bus::encode(&request))

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use deadpool_postgres::Pool;
-use shared::config::{PublicUrl, relay_host};
+use shared::config::{PublicUrl, RelayUrls};
 use shared::event::{Event, EventError, KindClass};
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
 
@@ -88,7 +88,7 @@ fn reason_of(e: &EventError) -> &'static str {
 /// Verifies and stores events through the ingest worker's write path.
 pub struct Importer {
     pool: Pool,
-    relay_host: Option<String>,
+    relay_urls: Option<RelayUrls>,
     /// The NIP-86 moderation state, read from Postgres before the first batch is stored.
     moderation: Option<std::sync::Arc<shared::moderation::Moderation>>,
     /// Counts so far.
@@ -105,7 +105,7 @@ impl Importer {
     pub fn new(pool: Pool, public: &PublicUrl) -> Self {
         Importer {
             pool,
-            relay_host: public.public_url.as_deref().map(relay_host),
+            relay_urls: public.urls().ok().flatten(),
             moderation: None,
             tally: Tally::default(),
             reported: 0,
@@ -169,7 +169,7 @@ impl Importer {
                 }
                 Ok(e) if e.is_expired(now) => Some(("expired", "expired (NIP-40)".to_owned())),
                 Ok(e) => moderation
-                    .refuses(e, self.relay_host.as_deref())
+                    .refuses(e, self.relay_urls.as_ref())
                     .map(|why| ("blocked", why)),
             };
             match (refusal, result) {
@@ -185,7 +185,7 @@ impl Importer {
             .map(|((_, event), json)| Pending {
                 event,
                 json,
-                vanish: shared::vanish::is_addressed_here(event, self.relay_host.as_deref()),
+                vanish: shared::vanish::is_addressed_here(event, self.relay_urls.as_ref()),
             })
             .collect();
         let results = write::store_batch(&self.pool, &pending).await;

@@ -1,0 +1,367 @@
+//! Attacks one hostile client can try on a public relay (issue "Hardening"), each run
+//! against the real binaries while a [`Bystander`] on the same gateway must be served
+//! within [`relay_tests::BYSTANDER_BOUND`]. Every test checks the refusal (its NIP-01
+//! prefix, and that the attacker's connection still works) and the bystander.
+
+use std::time::{Duration, Instant};
+
+use relay_tests::{Bystander, Client, Cluster, ClusterOptions};
+use serde_json::{Value, json};
+use shared::event::signing::Keys;
+
+use crate::{note, now};
+
+/// `n` distinct 64-character hex values.
+fn hexes(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{i:064x}")).collect()
+}
+
+/// Runs `attack` while the bystander is served round after round; both must finish.
+async fn while_attacked<F: std::future::Future<Output = ()>>(bystander: &mut Bystander, attack: F) {
+    let served = async {
+        for _ in 0..5 {
+            bystander.served().await;
+        }
+    };
+    tokio::join!(attack, served);
+}
+
+#[tokio::test]
+async fn oversized_filters_are_refused_while_bystanders_are_served() {
+    let cluster = Cluster::default_cluster().await;
+    let mut bystander = Bystander::connect(&cluster.url(), None).await;
+    let mut attacker = Client::connect(&cluster.url()).await.expect("connects");
+    let words: Vec<String> = (0..17).map(|i| format!("w{i}")).collect();
+    let many_tags = json!({"#t": (0..1000).map(|i| format!("t{i}")).collect::<Vec<_>>()});
+    let refused: Vec<(Vec<Value>, &str)> = vec![
+        (
+            vec![json!({"#t": (0..1001).map(|i| format!("t{i}")).collect::<Vec<_>>()})],
+            "#t",
+        ),
+        (vec![json!({"authors": hexes(1001)})], "authors"),
+        (vec![json!({"ids": hexes(1001)})], "ids"),
+        (vec![json!({"search": words.join(" ")})], "search"),
+        (vec![many_tags.clone(); 6], "together"),
+    ];
+    let attack = async {
+        for round in 0..5 {
+            for (i, (filters, names)) in refused.iter().enumerate() {
+                let sub = format!("big-{round}-{i}");
+                let message = attacker.req_closed(&sub, filters).await;
+                assert!(
+                    message.starts_with("invalid:") && message.contains(names),
+                    "{sub}: {message}"
+                );
+            }
+            // A value repeated 40,000 times is one value: served, not refused.
+            let repeated = json!({"#t": vec!["nostr"; 40_000], "limit": 5000});
+            attacker.send_req("repeated", &[repeated]).await;
+            attacker.until_eose("repeated").await;
+            // At the caps exactly: served.
+            attacker
+                .send_req("at-caps", &vec![many_tags.clone(); 5])
+                .await;
+            attacker.until_eose("at-caps").await;
+        }
+    };
+    while_attacked(&mut bystander, attack).await;
+    // The attacker's connection still works.
+    let keys = Keys::generate();
+    assert!(
+        attacker
+            .publish(&note(&keys, now(), "still here"))
+            .await
+            .accepted
+    );
+}
+
+/// Fills the cluster's database with `n` kind-1 rows (not valid events, which no query here
+/// returns as results), so a query can be made to take long.
+async fn seed_rows(cluster: &Cluster, n: i64) {
+    let db = cluster.db().await;
+    db.execute(
+        "INSERT INTO events (id, pubkey, kind, created_at, json) \
+         SELECT decode(md5(i::text) || md5((i + 1)::text), 'hex'), \
+                decode(md5((i % 1000)::text) || md5('p'), 'hex'), 1, i, '{}' \
+         FROM generate_series(1, $1::bigint) AS i",
+        &[&n],
+    )
+    .await
+    .expect("seed rows");
+    db.batch_execute("ANALYZE events").await.expect("analyze");
+}
+
+#[tokio::test]
+async fn slow_queries_end_with_error_and_their_database_time_is_rate_limited() {
+    let options = ClusterOptions::with_env(&[
+        ("RELAY_QUERY_TIMEOUT_MS", "100"),
+        ("RELAY_RATE_QUERY_MS_PER_IP", "1000"),
+        ("RELAY_TRUST_FORWARDED", "true"),
+    ]);
+    let cluster = Cluster::start(options).await.expect("cluster starts");
+    seed_rows(&cluster, 400_000).await;
+    let mut bystander = Bystander::connect(&cluster.url(), Some("192.0.2.2")).await;
+    let mut attacker = Client::connect_from(&cluster.url(), "192.0.2.1")
+        .await
+        .expect("connects");
+    // Three filters over every row: a union of 1.2 million rows to count.
+    let everything = [json!({}), json!({"kinds": [1]}), json!({"since": 0})];
+    let attack = async {
+        for i in 0..60 {
+            let started = Instant::now();
+            let answer = attacker.count(&format!("slow-{i}"), &everything).await;
+            let message = answer.expect_err("a count of every row runs out of time");
+            if message.starts_with("rate-limited:") {
+                assert!(i >= 5, "rate-limited after {i} timeouts: {message}");
+                assert!(message.contains("database time"), "{message}");
+                return;
+            }
+            assert!(message.starts_with("error:"), "{message}");
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "the timeout answers long before the gateway gives up: {:?}",
+                started.elapsed()
+            );
+        }
+        panic!("60 slow counts and never rate-limited");
+    };
+    while_attacked(&mut bystander, attack).await;
+    // The attacker may still publish; the bystander, on another address, still queries.
+    let keys = Keys::generate();
+    assert!(
+        attacker
+            .publish(&note(&keys, now(), "still here"))
+            .await
+            .accepted
+    );
+    bystander.served().await;
+}
+
+#[tokio::test]
+async fn one_connection_cannot_hold_unbounded_subscriptions() {
+    let cluster = Cluster::default_cluster().await;
+    let mut bystander = Bystander::connect(&cluster.url(), None).await;
+    let mut attacker = Client::connect(&cluster.url()).await.expect("connects");
+    // Five filters of 1,000 distinct values each: at every per-REQ cap, and about 0.9 MB of
+    // filters and index entries in the gateway.
+    let big = |sub: usize| -> Vec<Value> {
+        (0..5)
+            .map(|f| json!({"#t": (0..1000).map(|i| format!("{sub}-{f}-{i}")).collect::<Vec<_>>(), "limit": 0}))
+            .collect()
+    };
+    let attack = async {
+        let mut open = 0;
+        let refusal = loop {
+            attacker.send_req(&format!("big-{open}"), &big(open)).await;
+            let answer = attacker.recv().await;
+            match answer {
+                shared::message::RelayMessage::Eose(_) => open += 1,
+                shared::message::RelayMessage::Closed { message, .. } => break message,
+                other => panic!("unexpected {other:?}"),
+            }
+            assert!(open < 100, "100 big subscriptions were all taken");
+        };
+        assert!(
+            refusal.starts_with("rate-limited:") && refusal.contains("bytes"),
+            "{refusal}"
+        );
+        assert!(open >= 1, "one big subscription fits");
+        // Live events are matched against the big filters meanwhile.
+        let keys = Keys::generate();
+        for i in 0..20 {
+            let tagged = keys.sign(
+                now(),
+                shared::event::Kind(1),
+                vec![vec!["t".into(), format!("0-0-{i}")]],
+                "tagged",
+            );
+            assert!(attacker.publish(&tagged).await.accepted);
+        }
+        // Closing one makes room again.
+        attacker.send_json(json!(["CLOSE", "big-0"])).await;
+        attacker.send_req("again", &big(999)).await;
+        attacker.until_eose("again").await;
+    };
+    while_attacked(&mut bystander, attack).await;
+}
+
+#[tokio::test]
+async fn gateways_are_not_ready_while_their_public_url_differs_from_the_ingest_workers() {
+    use relay_tests::faults::wait_readyz;
+    let cluster = Cluster::default_cluster().await;
+    let addr = cluster.gateways[0].addr;
+    wait_readyz(addr, 200, Duration::from_secs(5))
+        .await
+        .expect("the harness gives every process the same URL");
+    // An ingest worker with another URL keeps advertising it (played here from Redis).
+    let redis = redis::Client::open(cluster.services.redis_url.as_str()).expect("redis url");
+    let mut conn = redis
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connects");
+    let key = format!("{}:public-url", cluster.prefix);
+    let stop = tokio::sync::Notify::new();
+    let impostor = async {
+        loop {
+            let () = redis::cmd("SET")
+                .arg(&key)
+                .arg("wss://elsewhere.example.com")
+                .query_async(&mut conn)
+                .await
+                .expect("set");
+            tokio::select! {
+                _ = stop.notified() => return,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    };
+    let check = async {
+        wait_readyz(addr, 503, Duration::from_secs(5))
+            .await
+            .expect("not ready while the URLs differ");
+        stop.notify_one();
+    };
+    tokio::join!(impostor, check);
+    assert!(
+        cluster
+            .log("gateway-0")
+            .contains("RELAY_PUBLIC_URL differs")
+    );
+    // The real ingest worker rewrites its own URL: ready again.
+    wait_readyz(addr, 200, Duration::from_secs(5))
+        .await
+        .expect("ready once they agree");
+}
+
+/// The HTTP status of a WebSocket upgrade sent as if from `forwarded` (an
+/// `X-Forwarded-For` value); 101 when it succeeds (the socket is closed again).
+async fn upgrade_status(url: &str, forwarded: &str) -> u16 {
+    use tokio_tungstenite::tungstenite::{Error, client::IntoClientRequest};
+    let mut request = url.into_client_request().expect("a request");
+    request.headers_mut().insert(
+        "x-forwarded-for",
+        forwarded.parse().expect("a header value"),
+    );
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((mut ws, response)) => {
+            let _ = ws.close(None).await;
+            response.status().as_u16()
+        }
+        Err(Error::Http(response)) => response.status().as_u16(),
+        Err(e) => panic!("upgrade failed: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn connections_count_by_the_balancer_s_hop_and_ipv6_by_64() {
+    let options = ClusterOptions::with_env(&[
+        ("RELAY_TRUST_FORWARDED", "true"),
+        ("RELAY_MAX_CONNECTIONS_PER_IP", "2"),
+    ]);
+    let cluster = Cluster::start(options).await.expect("cluster starts");
+    let url = cluster.url();
+    let mut bystander = Bystander::connect(&url, Some("192.0.2.200")).await;
+    let attack = async {
+        // Only the last entry counts: what the client wrote before it cannot spread it
+        // over many addresses.
+        let _a = Client::connect_from(&url, "10.0.0.1, 192.0.2.9")
+            .await
+            .expect("first");
+        let _b = Client::connect_from(&url, "10.0.0.2, 192.0.2.9")
+            .await
+            .expect("second");
+        assert_eq!(upgrade_status(&url, "10.0.0.3, 192.0.2.9").await, 429);
+        // Nor can a malformed last entry hide it.
+        assert_eq!(
+            upgrade_status(&url, "192.0.2.10, not-an-address").await,
+            400
+        );
+        assert_eq!(upgrade_status(&url, "192.0.2.10,").await, 400);
+        // IPv6: one /64 is one client.
+        let _c = Client::connect_from(&url, "2001:db8:0:1::1")
+            .await
+            .expect("v6 first");
+        let _d = Client::connect_from(&url, "2001:db8:0:1::2")
+            .await
+            .expect("v6 second");
+        assert_eq!(upgrade_status(&url, "2001:db8:0:1:ffff::3").await, 429);
+        let _e = Client::connect_from(&url, "2001:db8:0:2::1")
+            .await
+            .expect("another /64");
+    };
+    while_attacked(&mut bystander, attack).await;
+    // The places come back when the connections close.
+    relay_tests::eventually(Duration::from_secs(5), "a place freed", || async {
+        upgrade_status(&url, "192.0.2.9").await == 101
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn auth_identities_per_connection_are_capped_and_auth_is_rate_limited() {
+    let options = ClusterOptions::with_env(&[
+        ("RELAY_TRUST_FORWARDED", "true"),
+        ("RELAY_RATE_AUTHS_PER_IP", "30"),
+    ]);
+    let cluster = Cluster::start(options).await.expect("cluster starts");
+    let mut bystander = Bystander::connect(&cluster.url(), Some("192.0.2.2")).await;
+    let mut attacker = Client::connect_from(&cluster.url(), "192.0.2.1")
+        .await
+        .expect("connects");
+    let attack = async {
+        let first = Keys::generate();
+        assert!(attacker.auth(&first).await.accepted);
+        for _ in 0..3 {
+            assert!(attacker.auth(&Keys::generate()).await.accepted);
+        }
+        let fifth = attacker.auth(&Keys::generate()).await;
+        assert!(
+            !fifth.accepted && fifth.message.starts_with("restricted:"),
+            "{fifth:?}"
+        );
+        // One already held is fine again.
+        assert!(attacker.auth(&first).await.accepted);
+        // Then the address runs out of AUTH messages for this minute.
+        let mut limited = None;
+        for _ in 0..40 {
+            let ack = attacker.auth(&Keys::generate()).await;
+            if ack.message.starts_with("rate-limited:") {
+                limited = Some(ack);
+                break;
+            }
+        }
+        assert!(limited.is_some(), "AUTH was never rate-limited");
+    };
+    while_attacked(&mut bystander, attack).await;
+    assert!(
+        attacker
+            .publish(&note(&Keys::generate(), now(), "still here"))
+            .await
+            .accepted
+    );
+}
+
+#[tokio::test]
+async fn a_repost_whose_embedded_event_repeats_tags_is_refused() {
+    let cluster = Cluster::default_cluster().await;
+    let mut c = cluster.client(0).await;
+    let keys = Keys::generate();
+    for embedded in [
+        r#"{"kind":1,"tags":[],"content":"x","tags":[["-"]]}"#,
+        r#"{"kind":1,"tags":[["-"]],"tags":[]}"#,
+    ] {
+        let repost = keys.sign(now(), shared::event::Kind(6), vec![], embedded);
+        let ack = c.publish(&repost).await;
+        assert!(
+            !ack.accepted && ack.message.starts_with("blocked:"),
+            "{ack:?}"
+        );
+    }
+    let plain = keys.sign(
+        now(),
+        shared::event::Kind(6),
+        vec![],
+        r#"{"kind":1,"tags":[]}"#,
+    );
+    assert!(c.publish(&plain).await.accepted);
+}
