@@ -80,6 +80,11 @@ pub struct Limits {
     /// (close code 1008), so it cannot grow the gateway's memory.
     #[arg(long, env = "RELAY_SEND_QUEUE", default_value_t = 2048)]
     pub send_queue: usize,
+    /// Bytes of frames queued for one client before it counts as too slow and is
+    /// disconnected (close code 1008), whatever their number; a single larger frame is
+    /// still sent when the queue is empty.
+    #[arg(long, env = "RELAY_SEND_QUEUE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub send_queue_bytes: usize,
     /// Live events buffered for a subscription while its stored events are still coming;
     /// past it the subscription is ended with `CLOSED error:`.
     #[arg(long, env = "RELAY_LIVE_BUFFER", default_value_t = 2000)]
@@ -196,6 +201,11 @@ pub struct RateLimits {
     /// only its count.
     #[arg(long, env = "RELAY_RATE_QUERY_MS_PER_IP", default_value_t = 20_000)]
     pub query_ms_per_ip: u64,
+    /// Milliseconds each query reserves of that budget when it is sent (the worker gives
+    /// back what it did not use), so queries sent in a burst, before any is answered,
+    /// count too: at most about `RELAY_RATE_QUERY_MS_PER_IP` / this many are in flight.
+    #[arg(long, env = "RELAY_RATE_QUERY_RESERVE_MS", default_value_t = 100)]
+    pub query_reserve_ms: u64,
     /// AUTH messages per minute from one IP address (each is a signature check).
     #[arg(long, env = "RELAY_RATE_AUTHS_PER_IP", default_value_t = 60)]
     pub auths_per_ip: u64,

@@ -1,6 +1,8 @@
 //! The Redis subscriber: this gateway's reply channel and the live channel, dispatched into
 //! the [`crate::registry::Registry`], and its admin channel (NIP-86 answers, to
-//! [`crate::admin`]). Reconnects with backoff when Redis goes away.
+//! [`crate::admin`]). Reconnects with backoff when Redis goes away or drops the
+//! subscriber (its output buffer limit); what was awaited then is answered `error:` at once
+//! ([`crate::registry::Registry::bus_lost`]), not left to time out.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -21,9 +23,17 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
     let live_channel = state.bus.live_channel();
     let admin_channel = state.bus.admin_channel(&state.gateway);
     let mut backoff = Duration::from_millis(100);
+    // Whether a subscription was lost (and not answered for since).
+    let mut lost = false;
     loop {
         match subscribe(&state, &[&reply_channel, &live_channel, &admin_channel]).await {
             Ok(mut pubsub) => {
+                // What was sent on the bus while nothing listened (since the subscription
+                // was lost, including REQs registered meanwhile) cannot be answered: answer
+                // it now.
+                if std::mem::take(&mut lost) {
+                    state.registry.bus_lost();
+                }
                 state.pubsub_up.store(true, Ordering::Relaxed);
                 backoff = Duration::from_millis(100);
                 let mut messages = pubsub.on_message();
@@ -43,7 +53,11 @@ pub async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
                     }
                 }
                 state.pubsub_up.store(false, Ordering::Relaxed);
-                tracing::warn!("lost the Redis subscription; reconnecting");
+                lost = true;
+                tracing::warn!(
+                    "lost the Redis subscription; answering what was in flight with error: and reconnecting"
+                );
+                state.registry.bus_lost();
             }
             Err(e) => tracing::warn!(error = %e, "cannot subscribe to Redis; retrying"),
         }

@@ -75,14 +75,16 @@ impl Limit {
         }
     }
 
-    /// Milliseconds of database time the address's queries used this window: the query
-    /// workers add to it ([`query_time_key`]), a check only reads it.
-    pub fn query_time_from_ip(ip: IpAddr, max_ms: u64) -> Self {
+    /// Milliseconds of database time the address's queries used this window. Each query
+    /// reserves `reserve_ms` when it is checked (so a burst sent before any answer counts
+    /// too), and the query worker adds what it really used minus the reservation
+    /// ([`query_time_key`], [`shared::bus::QueryRequest::cost_reserved_ms`]).
+    pub fn query_time_from_ip(ip: IpAddr, max_ms: u64, reserve_ms: u64) -> Self {
         Limit {
             what: "qms-ip",
             who: address_key(ip),
             max: max_ms,
-            add: 0,
+            add: reserve_ms,
         }
     }
 
@@ -100,7 +102,7 @@ impl Limit {
 /// The counter a query worker adds the database time of a query from `ip` to, or `None`
 /// when the query-time limit is off.
 pub fn query_time_key(state: &AppState, ip: IpAddr) -> Option<String> {
-    let limit = Limit::query_time_from_ip(ip, state.config.rate.query_ms_per_ip);
+    let limit = Limit::query_time_from_ip(ip, state.config.rate.query_ms_per_ip, 0);
     (limit.max > 0).then(|| {
         let window = shared::unix_now() / WINDOW_SECS;
         state.bus.rate_key(limit.what, &limit.who, window)

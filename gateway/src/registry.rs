@@ -39,6 +39,8 @@ pub struct ConnHandle {
     pub tx: mpsc::Sender<Message>,
     /// Notified when the connection must be closed (its queue overflowed).
     pub kill: Arc<Notify>,
+    /// Bytes of text frames in the queue: added here, taken off by the writer as it sends.
+    pub queued: Arc<SendQueueBytes>,
 }
 
 enum Phase {
@@ -115,6 +117,14 @@ impl<K: std::hash::Hash + Eq + Clone> Awaited<K> {
             self.0.remove(key);
         }
         true
+    }
+
+    /// Forgets every request: their keys, one per request.
+    fn take_all(&mut self) -> Vec<K> {
+        self.0
+            .drain()
+            .flat_map(|(key, deadlines)| std::iter::repeat_n(key, deadlines.len()))
+            .collect()
     }
 
     /// Forgets the requests whose deadline is past `now`: their keys, one per request.
@@ -296,17 +306,61 @@ pub struct Registry {
     policy: LivePolicy,
 }
 
-/// Sends a frame without waiting; a full queue marks the connection for closing (the
-/// session logs it when it closes). Returns whether the frame was queued.
+/// The bytes of a connection's queued frames and their bound (`RELAY_SEND_QUEUE_BYTES`): the
+/// queue's length counts messages, this its memory.
+pub struct SendQueueBytes {
+    queued: std::sync::atomic::AtomicUsize,
+    max: usize,
+}
+
+impl SendQueueBytes {
+    /// An empty queue that may hold `max` bytes.
+    pub fn new(max: usize) -> Self {
+        SendQueueBytes {
+            queued: std::sync::atomic::AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// Counts `n` more bytes unless that goes past the bound.
+    fn add(&self, n: usize) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.queued
+            .fetch_update(Relaxed, Relaxed, |q| {
+                // An empty queue takes any one frame, so no single frame is refused for size.
+                (q == 0 || q + n <= self.max).then_some(q + n)
+            })
+            .is_ok()
+    }
+
+    /// The writer sent (or dropped) a frame of `n` bytes.
+    pub fn sent(&self, n: usize) {
+        self.queued
+            .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Sends a frame without waiting; a full queue (in messages or bytes) marks the connection
+/// for closing (the session logs it when it closes). Returns whether the frame was queued.
 fn push(conn_id: ConnId, handle: &ConnHandle, frame: String) -> bool {
+    let len = frame.len();
+    if !handle.queued.add(len) {
+        tracing::debug!(conn = conn_id.0, "send queue over its bytes; disconnecting");
+        handle.kill.notify_one();
+        return false;
+    }
     match handle.tx.try_send(Message::Text(frame.into())) {
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Full(_)) => {
+            handle.queued.sent(len);
             tracing::debug!(conn = conn_id.0, "send queue full; disconnecting");
             handle.kill.notify_one();
             false
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => false,
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            handle.queued.sent(len);
+            false
+        }
     }
 }
 
@@ -389,7 +443,8 @@ impl Registry {
     /// Registers (or replaces) a subscription in the stored phase. When `stored_done` is set
     /// (no stored query is needed, e.g. every filter has `limit: 0`), EOSE is sent at once
     /// and the subscription is live. Refused when the connection's subscriptions would hold
-    /// more than `max_subscription_bytes`; a refused one leaves the one it would replace.
+    /// more than `max_subscription_bytes` (the caller then ends the one it would replace,
+    /// as for any refused `REQ`).
     pub fn subscribe(
         &self,
         conn: ConnId,
@@ -701,6 +756,48 @@ impl Registry {
         forget_sent(&mut inner, now);
     }
 
+    /// The bus subscription was lost, so answers and live events sent meanwhile are gone:
+    /// every request in flight is answered now (`OK false error:`, `CLOSED error:` for
+    /// COUNTs, `NEG-ERR error:` for negentropy rounds), and every subscription ends with
+    /// `CLOSED error:` (it may have missed live events; the client subscribes again).
+    pub fn bus_lost(&self) {
+        const RETRY: &str = "error: the relay lost its connection to the bus; try again";
+        let mut inner = self.lock();
+        let mut unindex = Vec::new();
+        for (conn_id, c) in inner.conns.iter_mut() {
+            let conn = *conn_id;
+            for id in c.pending_ok.take_all() {
+                push(
+                    conn,
+                    &c.handle,
+                    shared::message::ok_frame(&id, false, RETRY),
+                );
+            }
+            for (_, q) in c.pending_count.take_all() {
+                push(conn, &c.handle, closed_frame(&q, RETRY));
+            }
+            let mut ended = Vec::new();
+            c.neg.retain(|sub_id, neg| {
+                if neg.deadline.is_none() {
+                    return true;
+                }
+                ended.push(neg_err_frame(sub_id, RETRY));
+                false
+            });
+            for frame in ended {
+                push(conn, &c.handle, frame);
+            }
+            for (sub_id, sub) in c.subs.drain() {
+                push(conn, &c.handle, closed_frame(&sub_id, RETRY));
+                unindex.push((conn, sub_id, sub.keys));
+            }
+            c.sub_bytes = 0;
+        }
+        for (conn, sub_id, keys) in unindex {
+            inner.unindex(conn, &sub_id, &keys);
+        }
+    }
+
     /// Whether any subscription is indexed for live events on this gateway.
     pub fn has_subscriptions(&self) -> bool {
         !self.lock().index.is_empty()
@@ -714,28 +811,39 @@ impl Registry {
         if ev.is_expired(shared::unix_now()) {
             return 0;
         }
-        let restricted = self.policy.restricted_kinds.contains(&ev.kind);
+        // Everything per event is worked out before the lock: the index keys it may be filed
+        // under and, for a restricted kind, who may read it (its author and `p` tags).
+        let mut keys = vec![
+            IndexKey::Id(ev.id),
+            IndexKey::Author(ev.pubkey),
+            IndexKey::Kind(ev.kind),
+            IndexKey::All,
+        ];
+        keys.extend(
+            ev.indexed_tags()
+                .map(|(letter, value)| IndexKey::Tag(letter, value.to_owned())),
+        );
+        let readers: Option<Vec<PubKey>> =
+            self.policy.restricted_kinds.contains(&ev.kind).then(|| {
+                std::iter::once(ev.pubkey)
+                    .chain(ev.tag_values("p").filter_map(|p| PubKey::from_hex(p).ok()))
+                    .collect()
+            });
         // Under the lock, only what the index finds: each candidate's filters (a pointer).
         let candidates: Vec<(ConnId, SubId, ReqId, Arc<Vec<Filter>>)> = {
             let inner = self.lock();
-            let mut found: HashSet<&(ConnId, SubId)> = HashSet::new();
-            let mut collect = |key: IndexKey| {
-                if let Some(set) = inner.index.get(&key) {
-                    found.extend(set.iter());
-                }
-            };
-            collect(IndexKey::Id(ev.id));
-            collect(IndexKey::Author(ev.pubkey));
-            collect(IndexKey::Kind(ev.kind));
-            for (letter, value) in ev.indexed_tags() {
-                collect(IndexKey::Tag(letter, value.to_owned()));
-            }
-            collect(IndexKey::All);
+            let found: HashSet<&(ConnId, SubId)> = keys
+                .iter()
+                .filter_map(|key| inner.index.get(key))
+                .flatten()
+                .collect();
             found
                 .into_iter()
                 .filter_map(|(conn, sub_id)| {
                     let c = inner.conns.get(conn)?;
-                    if restricted && !ev.involves_any(&c.authed) {
+                    if let Some(readers) = &readers
+                        && !c.authed.iter().any(|pk| readers.contains(pk))
+                    {
                         return None;
                     }
                     let sub = c.subs.get(sub_id)?;
@@ -876,6 +984,7 @@ mod tests {
             ConnHandle {
                 tx,
                 kill: Arc::new(Notify::new()),
+                queued: Arc::new(SendQueueBytes::new(1024 * 1024)),
             },
         );
         (reg, rx)
@@ -1120,6 +1229,54 @@ mod tests {
         reg.live(live(&keys.sign(1, Kind(1), vec![], "after close")));
         assert!(texts(&mut rx).is_empty());
         assert_eq!(reg.subscriptions(ConnId(1)), 0);
+    }
+
+    #[test]
+    fn losing_the_bus_answers_everything_in_flight_and_ends_subscriptions() {
+        let (reg, mut rx) = registry();
+        let ev = Keys::generate().sign(1, Kind(1), vec![], "x");
+        reg.expect_ok(ConnId(1), ev.id);
+        reg.expect_count(ConnId(1), ReqId(2), SubId::new("c").expect("valid"));
+        for (sub, stored_done) in [("stored", false), ("live", true)] {
+            let sub = SubId::new(sub).expect("valid");
+            let filters = vec![filter(serde_json::json!({}))];
+            reg.subscribe(ConnId(1), sub, ReqId(3), filters, stored_done)
+                .expect("fits");
+        }
+        texts(&mut rx);
+        reg.bus_lost();
+        let got = texts(&mut rx);
+        assert_eq!(got.len(), 4, "{got:?}");
+        assert!(
+            got.iter().all(|t| t.contains("error: the relay lost")),
+            "{got:?}"
+        );
+        assert_eq!(reg.subscriptions(ConnId(1)), 0);
+        assert!(!reg.has_subscriptions(), "nothing left in the index");
+        reg.expire(Instant::now() + Duration::from_secs(60));
+        assert!(texts(&mut rx).is_empty(), "each was answered once");
+    }
+
+    #[test]
+    fn a_send_queue_is_bounded_in_bytes_too() {
+        let (reg, mut rx) = registry();
+        let big = "x".repeat(600 * 1024);
+        reg.send(ConnId(1), big.clone());
+        let kill = {
+            let inner = reg.lock();
+            Arc::clone(&inner.conns[&ConnId(1)].handle.kill)
+        };
+        reg.send(ConnId(1), big.clone());
+        assert_eq!(texts(&mut rx).len(), 1, "the second is over 1 MiB queued");
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime")
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs(1), kill.notified())
+                    .await
+                    .expect("the connection is told to close")
+            });
     }
 
     #[test]

@@ -13,7 +13,7 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::AppState;
 use crate::cmd::Command;
-use crate::registry::ConnHandle;
+use crate::registry::{ConnHandle, SendQueueBytes};
 
 /// What a command handler needs: the shared state and this connection's own state.
 pub struct Session {
@@ -76,6 +76,30 @@ fn read_error_close(e: &axum::Error) -> Option<(u16, &'static str)> {
     }
 }
 
+/// A frame past this many bytes is parsed on the blocking pool, so one client's big
+/// messages (thousands of tags, filters of thousands of values) do not hold a runtime
+/// thread that other connections' sessions are waiting for.
+const BIG_FRAME_BYTES: usize = 16 * 1024;
+
+/// Parses a client frame: inline when small, on the blocking pool when big.
+async fn parse(
+    text: axum::extract::ws::Utf8Bytes,
+) -> Result<Command, shared::message::MessageError> {
+    if text.len() <= BIG_FRAME_BYTES {
+        return Command::parse(text.as_str());
+    }
+    match tokio::task::spawn_blocking(move || Command::parse(text.as_str())).await {
+        Ok(parsed) => parsed,
+        // Only a panic in the parser gets here; the frame is then treated as unreadable.
+        Err(e) => {
+            tracing::error!(error = %e, "parsing a client message failed");
+            Err(shared::message::MessageError::NotJson(
+                "the relay could not read this message".into(),
+            ))
+        }
+    }
+}
+
 /// Most queued frames written before one flush.
 const WRITE_BATCH: usize = 64;
 
@@ -107,11 +131,13 @@ pub async fn run(state: Arc<AppState>, socket: WebSocket, peer: Peer) {
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::channel::<Message>(state.config.limits.send_queue.max(1));
     let kill = Arc::new(Notify::new());
+    let queued = Arc::new(SendQueueBytes::new(state.config.limits.send_queue_bytes));
     state.registry.add_conn(
         conn,
         ConnHandle {
             tx: tx.clone(),
             kill: Arc::clone(&kill),
+            queued: Arc::clone(&queued),
         },
     );
     crate::metrics::connection_opened();
@@ -145,11 +171,19 @@ pub async fn run(state: Arc<AppState>, socket: WebSocket, peer: Peer) {
                     }
                     let mut failed = false;
                     for msg in batch {
-                        if let Message::Text(text) = &msg {
-                            crate::metrics::sent(text.as_str());
-                            sent += 1;
-                        }
-                        if sink.feed(msg).await.is_err() {
+                        // Counted off the queue's bytes once the socket took it (a frame
+                        // waiting on a slow socket still counts).
+                        let text_len = match &msg {
+                            Message::Text(text) => {
+                                crate::metrics::sent(text.as_str());
+                                sent += 1;
+                                text.len()
+                            }
+                            _ => 0,
+                        };
+                        let fed = sink.feed(msg).await;
+                        queued.sent(text_len);
+                        if fed.is_err() {
                             failed = true;
                             break;
                         }
@@ -202,7 +236,7 @@ pub async fn run(state: Arc<AppState>, socket: WebSocket, peer: Peer) {
                 }
                 Some(Ok(Message::Text(text))) => {
                     received += 1;
-                    match Command::parse(text.as_str()) {
+                    match parse(text).await {
                         Ok(cmd) => {
                             crate::metrics::received(cmd.verb());
                             cmd.handle(&mut session).await;

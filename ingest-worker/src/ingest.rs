@@ -116,7 +116,29 @@ impl Handler for Ingest {
 
     async fn handle(&mut self, ctx: &Context, entries: &[Entry]) -> redis::Pipeline {
         crate::admin::handle(ctx, &self.moderation, entries).await;
-        let mut items = verify_all(decode_all(entries)).await;
+        // Light events are parsed, verified, stored and answered before any heavy one is
+        // looked at, so a client's heavy events cannot hold up the events sharing their
+        // batch; the batch's acknowledgement still waits for both.
+        let (light, heavy): (Vec<Decoded>, Vec<Decoded>) = decode_all(entries)
+            .into_iter()
+            .partition(|(_, _, json, _)| json.get().len() <= HEAVY_EVENT_BYTES);
+        if heavy.is_empty() || light.is_empty() {
+            let all = if heavy.is_empty() { light } else { heavy };
+            return self.handle_events(ctx, all).await;
+        }
+        let answers = self.handle_events(ctx, light).await;
+        let mut redis = ctx.redis.clone();
+        if let Err(e) = answers.query_async::<()>(&mut redis).await {
+            tracing::error!(error = %e, "sending answers before the heavy events failed");
+        }
+        self.handle_events(ctx, heavy).await
+    }
+}
+
+impl Ingest {
+    /// Verifies, checks and stores `decoded`; returns their answers and live copies.
+    async fn handle_events(&self, ctx: &Context, decoded: Vec<Decoded>) -> redis::Pipeline {
+        let mut items = verify_all(decoded).await;
         let mut replies = Replies::default();
         let moderation = self.moderation.get();
         items.retain(|item| {
@@ -130,9 +152,8 @@ impl Handler for Ingest {
             replies.ok(item, false, reason);
             false
         });
-
-        // The items to store (by index) and what the store needs of each, in the same order.
-        let (storable, pending): (Vec<usize>, Vec<Pending<'_>>) = items
+        // The items to store (by index) and what the store needs of each.
+        let (indexes, pending): (Vec<usize>, Vec<Pending<'_>>) = items
             .iter()
             .enumerate()
             .filter_map(|(i, item)| match &item.event {
@@ -147,59 +168,87 @@ impl Handler for Ingest {
                 _ => None,
             })
             .unzip();
-        let mut results = Vec::with_capacity(pending.len());
-        for (indexes, chunk) in storable
+        let mut results: Vec<Option<StoreResult>> = (0..items.len()).map(|_| None).collect();
+        for (indexes, chunk) in indexes
             .chunks(self.store_batch_events)
             .zip(pending.chunks(self.store_batch_events))
         {
-            results.extend(store_chunk(ctx, &items, indexes, chunk).await);
+            let stored = store_chunk(ctx, &items, indexes, chunk).await;
+            for (&i, result) in indexes.iter().zip(stored) {
+                results[i] = Some(result);
+            }
         }
-        let mut results = results.into_iter();
-
-        for item in &items {
-            let (outcome, accepted, message) = match &item.event {
-                Err(reason) => ("invalid", false, format!("invalid: {reason}")),
-                Ok(ev) if ev.class() == KindClass::Ephemeral => {
-                    replies.live(item);
-                    ("ephemeral", true, String::new())
-                }
-                Ok(_) => {
-                    let Some(result) = results.next() else {
-                        continue;
-                    };
-                    match result {
-                        Ok(Outcome::Stored) => {
-                            replies.live(item);
-                            ("stored", true, String::new())
-                        }
-                        Ok(Outcome::Duplicate) => ("duplicate", true, "duplicate: already have this event".into()),
-                        Ok(Outcome::Superseded) => (
-                            "superseded",
-                            false,
-                            "duplicate: a newer version of this replaceable event is already stored".into(),
-                        ),
-                        Ok(Outcome::Deleted) => ("deleted", false, "blocked: this event was deleted and may not be published again".into()),
-                        Ok(Outcome::Vanished) => (
-                            "vanished",
-                            false,
-                            "blocked: the author asked this relay to delete their events".into(),
-                        ),
-                        Ok(Outcome::VanishedNow) => ("vanish_request", true, String::new()),
-                        Err(e) => {
-                            item.span.in_scope(|| tracing::error!(error = %e, id = %item.id, "storing event failed"));
-                            ("error", false, "error: could not store the event; try again".into())
-                        }
-                    }
-                }
-            };
-            metrics::counter!("nostr_ingest_events_total", "outcome" => outcome).increment(1);
-            item.span.record("nostr.outcome", outcome);
-            item.span
-                .in_scope(|| tracing::debug!(outcome, "event handled"));
-            replies.ok(item, accepted, message);
+        for (item, stored) in items.iter().zip(results) {
+            answer(item, stored, &mut replies);
         }
         replies.into_pipeline(ctx)
     }
+}
+
+/// What storing one event came to.
+type StoreResult = Result<Outcome, shared::store::StoreError>;
+
+/// An event's JSON size past which it is handled after the light events of its batch (a
+/// deletion naming thousands of addresses, a gift wrap to thousands of recipients, a long
+/// contact list): parsing, verifying and writing it costs more than a note's.
+const HEAVY_EVENT_BYTES: usize = 16 * 1024;
+
+/// An event as it comes off the bus: where its `OK` goes, its JSON, its span.
+type Decoded = (GatewayId, ConnId, Box<RawValue>, tracing::Span);
+
+/// Adds the `OK` (and live copy) of one item: `stored` is its store result, `None` for
+/// items that were not stored (invalid, ephemeral).
+fn answer(item: &Item, stored: Option<StoreResult>, replies: &mut Replies) {
+    let (outcome, accepted, message) = match (&item.event, stored) {
+        (Err(reason), _) => ("invalid", false, format!("invalid: {reason}")),
+        (Ok(ev), _) if ev.class() == KindClass::Ephemeral => {
+            replies.live(item);
+            ("ephemeral", true, String::new())
+        }
+        (Ok(_), None) => return,
+        (Ok(_), Some(result)) => match result {
+            Ok(Outcome::Stored) => {
+                replies.live(item);
+                ("stored", true, String::new())
+            }
+            Ok(Outcome::Duplicate) => (
+                "duplicate",
+                true,
+                "duplicate: already have this event".into(),
+            ),
+            Ok(Outcome::Superseded) => (
+                "superseded",
+                false,
+                "duplicate: a newer version of this replaceable event is already stored".into(),
+            ),
+            Ok(Outcome::Deleted) => (
+                "deleted",
+                false,
+                "blocked: this event was deleted and may not be published again".into(),
+            ),
+            Ok(Outcome::Vanished) => (
+                "vanished",
+                false,
+                "blocked: the author asked this relay to delete their events".into(),
+            ),
+            Ok(Outcome::VanishedNow) => ("vanish_request", true, String::new()),
+            Err(e) => {
+                item.span.in_scope(
+                    || tracing::error!(error = %e, id = %item.id, "storing event failed"),
+                );
+                (
+                    "error",
+                    false,
+                    "error: could not store the event; try again".into(),
+                )
+            }
+        },
+    };
+    metrics::counter!("nostr_ingest_events_total", "outcome" => outcome).increment(1);
+    item.span.record("nostr.outcome", outcome);
+    item.span
+        .in_scope(|| tracing::debug!(outcome, "event handled"));
+    replies.ok(item, accepted, message);
 }
 
 /// Stores `chunk` (the items at `indexes`) in one transaction, traced by one span: a child
@@ -235,7 +284,7 @@ async fn store_chunk(
 
 /// The events of every entry (one, or a gateway's batch), in order, each with the span
 /// that continues its trace. Admin entries are handled elsewhere.
-fn decode_all(entries: &[Entry]) -> Vec<(GatewayId, ConnId, Box<RawValue>, tracing::Span)> {
+fn decode_all(entries: &[Entry]) -> Vec<Decoded> {
     let mut out = Vec::with_capacity(entries.len());
     for entry in entries {
         let Some(payload) = entry.payload.as_deref() else {
@@ -267,7 +316,7 @@ fn decode_all(entries: &[Entry]) -> Vec<(GatewayId, ConnId, Box<RawValue>, traci
 const INLINE_VERIFY_MAX: usize = 4;
 
 /// Parses and verifies every event, spreading the signature checks over the cores.
-async fn verify_all(decoded: Vec<(GatewayId, ConnId, Box<RawValue>, tracing::Span)>) -> Vec<Item> {
+async fn verify_all(decoded: Vec<Decoded>) -> Vec<Item> {
     if decoded.len() <= INLINE_VERIFY_MAX {
         return decoded.into_iter().filter_map(verify_one).collect();
     }
@@ -348,9 +397,9 @@ fn verify_one(
 #[derive(Default)]
 struct Replies {
     /// Each gateway's `OK` replies.
-    oks: std::collections::HashMap<GatewayId, bus::Batch>,
+    oks: std::collections::HashMap<GatewayId, bus::Batches>,
     /// Events for live subscriptions, on every gateway.
-    live: bus::Batch,
+    live: bus::Batches,
 }
 
 impl Replies {
@@ -379,13 +428,13 @@ impl Replies {
     /// to its own event sees it before its `OK`, as when each event was sent alone.
     fn into_pipeline(self, ctx: &Context) -> redis::Pipeline {
         let mut pipe = redis::pipe();
-        if let Some(live) = self.live.finish() {
+        for live in self.live.finish() {
             pipe.publish(ctx.bus.live_channel(), live).ignore();
         }
         for (gateway, oks) in self.oks {
-            if let Some(oks) = oks.finish() {
-                pipe.publish(ctx.bus.gateway_channel(&gateway), oks)
-                    .ignore();
+            let channel = ctx.bus.gateway_channel(&gateway);
+            for oks in oks.finish() {
+                pipe.publish(&channel, oks).ignore();
             }
         }
         pipe

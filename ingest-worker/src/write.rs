@@ -6,7 +6,10 @@
 //! for ordinary events, exclusive for deletions and requests to vanish. So a deletion and a
 //! re-publication of the deleted event, handled by two workers at once, cannot both win. A
 //! gift wrap also holds its recipients' shared locks, as a request to vanish deletes the
-//! wraps addressed to its author: so a wrap stored meanwhile cannot escape the deletion.
+//! wraps addressed to its author: so a wrap stored meanwhile cannot escape the deletion. A
+//! wrap naming more than [`MAX_WRAP_RECIPIENT_LOCKS`] recipients holds the one
+//! [`MANY_RECIPIENTS_LOCK`] instead (shared), which every request to vanish takes
+//! exclusively: one event cannot make a transaction take thousands of locks.
 
 use deadpool_postgres::{GenericClient, Pool, Transaction};
 use shared::event::{Event, EventId, Kind, KindClass, PubKey};
@@ -81,11 +84,25 @@ const DELETE_BY_IDS: &str = "DELETE FROM events WHERE id = ANY($1) AND pubkey = 
 const TOMBSTONE_IDS: &str = "INSERT INTO deleted_events (id, pubkey) \
      SELECT unnest($1::bytea[]), $2 ON CONFLICT (id, pubkey) DO NOTHING";
 
-const DELETE_ADDRESS: &str =
-    "DELETE FROM events WHERE pubkey = $1 AND kind = $2 AND d_tag = $3 AND created_at <= $4";
+/// Every version up to `$4` of the author `$1`'s addresses `($2[i], $3[i])`: one statement
+/// for all of a deletion request's `a` tags, however many.
+const DELETE_ADDRESSES: &str = "DELETE FROM events e \
+     USING unnest($2::int[], $3::text[]) AS a(kind, d_tag) \
+     WHERE e.pubkey = $1 AND e.kind = a.kind AND e.d_tag = a.d_tag AND e.created_at <= $4";
 
-const TOMBSTONE_ADDRESS: &str = "INSERT INTO deleted_addresses (pubkey, kind, d_tag, until) VALUES ($1, $2, $3, $4) \
+/// Remembers the addresses of [`DELETE_ADDRESSES`] (each pair once: ON CONFLICT may not
+/// touch one row twice).
+const TOMBSTONE_ADDRESSES: &str = "INSERT INTO deleted_addresses (pubkey, kind, d_tag, until) \
+     SELECT $1, a.kind, a.d_tag, $4 FROM unnest($2::int[], $3::text[]) AS a(kind, d_tag) \
      ON CONFLICT (pubkey, kind, d_tag) DO UPDATE SET until = GREATEST(deleted_addresses.until, EXCLUDED.until)";
+
+/// A gift wrap naming more recipients than this takes [`MANY_RECIPIENTS_LOCK`] instead of
+/// one lock each (NIP-59 wraps name one).
+const MAX_WRAP_RECIPIENT_LOCKS: usize = 8;
+
+/// The advisory lock shared by gift wraps with more than [`MAX_WRAP_RECIPIENT_LOCKS`]
+/// recipients and taken exclusively by every request to vanish.
+const MANY_RECIPIENTS_LOCK: i64 = 0x6e6f_7374_7202;
 
 const VANISH_EVENTS: &str = "DELETE FROM events WHERE pubkey = $1 AND created_at <= $2";
 
@@ -146,18 +163,34 @@ fn is_simple(p: &Pending<'_>) -> bool {
 }
 
 /// The pubkeys a gift wrap (NIP-59, kind 1059) is addressed to, as [`VANISH_GIFT_WRAPS`]
-/// finds them: `p` tags whose indexed value is a pubkey in lowercase hex. Empty for other
-/// kinds.
+/// finds them: `p` tags whose indexed value is a pubkey in lowercase hex, each once. Empty
+/// for other kinds.
 fn wrap_recipients(event: &Event) -> Vec<PubKey> {
     if event.kind != GIFT_WRAP {
         return Vec::new();
     }
-    event
+    let mut recipients: Vec<PubKey> = event
         .indexed_tags()
         .filter(|(name, _)| *name == 'p')
         // from_hex takes lowercase hex of the right length only.
         .filter_map(|(_, v)| PubKey::from_hex(v).ok())
-        .collect()
+        .collect();
+    recipients.sort_unstable();
+    recipients.dedup();
+    recipients
+}
+
+/// The advisory locks an ordinary write of `event` holds (shared): its author's, and a gift
+/// wrap's recipients' or, past [`MAX_WRAP_RECIPIENT_LOCKS`], [`MANY_RECIPIENTS_LOCK`].
+fn write_locks(event: &Event) -> Vec<i64> {
+    let recipients = wrap_recipients(event);
+    let mut keys = vec![author_lock(&event.pubkey)];
+    if recipients.len() > MAX_WRAP_RECIPIENT_LOCKS {
+        keys.push(MANY_RECIPIENTS_LOCK);
+    } else {
+        keys.extend(recipients.iter().map(author_lock));
+    }
+    keys
 }
 
 /// NIP-59 gift wraps, deleted with their recipient's request to vanish.
@@ -170,6 +203,7 @@ async fn store_in_tx(db: &Pool, batch: &[Pending<'_>]) -> Result<Vec<Outcome>, S
     }
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
+    lock_all(&tx, batch).await?;
     let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
     if !simple.is_empty() {
         for (i, outcome) in store_regular(&tx, batch, &simple).await? {
@@ -186,6 +220,39 @@ async fn store_in_tx(db: &Pool, batch: &[Pending<'_>]) -> Result<Vec<Outcome>, S
         .into_iter()
         .map(|o| o.unwrap_or(Outcome::Duplicate))
         .collect())
+}
+
+/// Takes every lock the batch's events need before anything else, in key order and each in
+/// the strongest mode any event needs (exclusive for deletions and requests to vanish, and
+/// [`MANY_RECIPIENTS_LOCK`] for the latter; shared for the rest, see [`write_locks`]). Two
+/// transactions then never wait on each other in a circle, and no lock is upgraded later.
+/// `store_regular_events` takes its shared locks again, which a holder gets at once.
+async fn lock_all(tx: &Transaction<'_>, batch: &[Pending<'_>]) -> Result<(), StoreError> {
+    let mut exclusive: std::collections::BTreeMap<i64, bool> = std::collections::BTreeMap::new();
+    for pending in batch {
+        let event = pending.event;
+        if pending.vanish || event.kind == Kind(5) {
+            exclusive.insert(author_lock(&event.pubkey), true);
+            if pending.vanish {
+                exclusive.insert(MANY_RECIPIENTS_LOCK, true);
+            }
+        } else {
+            for key in write_locks(event) {
+                exclusive.entry(key).or_insert(false);
+            }
+        }
+    }
+    let shared = tx.prepare_cached(LOCK_SHARED).await?;
+    let exclusive_lock = tx.prepare_cached(LOCK_EXCLUSIVE).await?;
+    for (key, is_exclusive) in exclusive {
+        let statement = if is_exclusive {
+            &exclusive_lock
+        } else {
+            &shared
+        };
+        tx.execute(statement, &[&key]).await?;
+    }
+    Ok(())
 }
 
 /// A batch of regular events only (the usual case): one statement, its own transaction,
@@ -248,12 +315,7 @@ impl<'a> Columns<'a> {
         // The authors' keys, and the recipients' of gift wraps (see the module's invariant).
         let mut keys: Vec<i64> = simple
             .iter()
-            .flat_map(|&i| {
-                let event = batch[i].event;
-                let recipients = wrap_recipients(event);
-                std::iter::once(author_lock(&event.pubkey))
-                    .chain(recipients.into_iter().map(|pk| author_lock(&pk)))
-            })
+            .flat_map(|&i| write_locks(batch[i].event))
             .collect();
         keys.sort_unstable();
         keys.dedup();
@@ -351,17 +413,7 @@ async fn store_one(tx: &Transaction<'_>, pending: &Pending<'_>) -> Result<Outcom
     let pubkey = event.pubkey.as_bytes().as_slice();
     let kind = i32::from(event.kind.0);
     let d_tag = event.replace_key();
-    let writes_others = pending.vanish || event.kind == Kind(5);
-    let lock = if writes_others {
-        LOCK_EXCLUSIVE
-    } else {
-        LOCK_SHARED
-    };
-    tx.execute(
-        &tx.prepare_cached(lock).await?,
-        &[&author_lock(&event.pubkey)],
-    )
-    .await?;
+    // The transaction holds this event's locks already (`lock_all`).
 
     let refused = tx
         .query_one(
@@ -452,23 +504,24 @@ async fn apply_deletion(tx: &Transaction<'_>, request: &Event) -> Result<(), Sto
         tx.execute(&tx.prepare_cached(TOMBSTONE_IDS).await?, &[&ids, &author])
             .await?;
     }
-    for address in request.tag_values("a") {
-        // Stored d tags never hold NUL (the gateway refuses them), so such an address
-        // names nothing; Postgres text could not hold it either.
-        let Some((kind, pubkey, d_tag)) =
-            parse_address(address).filter(|(_, _, d)| !d.contains('\0'))
-        else {
-            continue;
-        };
-        if pubkey != request.pubkey {
-            continue;
-        }
-        let kind = i32::from(kind.0);
+    // The author's own addresses, each once. Stored d tags never hold NUL (the gateway
+    // refuses them), so such an address names nothing; Postgres text could not hold it
+    // either.
+    let mut addresses: Vec<(i32, &str)> = request
+        .tag_values("a")
+        .filter_map(parse_address)
+        .filter(|(_, pubkey, d)| *pubkey == request.pubkey && !d.contains('\0'))
+        .map(|(kind, _, d)| (i32::from(kind.0), d))
+        .collect();
+    addresses.sort_unstable();
+    addresses.dedup();
+    if !addresses.is_empty() {
+        let (kinds, d_tags): (Vec<i32>, Vec<&str>) = addresses.into_iter().unzip();
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-            [&author, &kind, &d_tag, &request.created_at];
-        tx.execute(&tx.prepare_cached(DELETE_ADDRESS).await?, &params)
+            [&author, &kinds, &d_tags, &request.created_at];
+        tx.execute(&tx.prepare_cached(DELETE_ADDRESSES).await?, &params)
             .await?;
-        tx.execute(&tx.prepare_cached(TOMBSTONE_ADDRESS).await?, &params)
+        tx.execute(&tx.prepare_cached(TOMBSTONE_ADDRESSES).await?, &params)
             .await?;
     }
     Ok(())
@@ -540,6 +593,26 @@ mod tests {
         let wrap = keys.sign(1, GIFT_WRAP, tags.clone(), "");
         assert_eq!(wrap_recipients(&wrap), vec![to]);
         assert!(wrap_recipients(&keys.sign(1, Kind(1), tags, "")).is_empty());
+    }
+
+    #[test]
+    fn a_wrap_to_thousands_takes_a_bounded_number_of_locks() {
+        use shared::event::signing::Keys;
+        let keys = Keys::generate();
+        let p = |k: &Keys| vec!["p".to_owned(), k.pubkey().to_hex()];
+        let few: Vec<Keys> = (0..3).map(|_| Keys::generate()).collect();
+        let wrap = keys.sign(1, GIFT_WRAP, few.iter().map(p).collect(), "");
+        assert_eq!(
+            write_locks(&wrap).len(),
+            4,
+            "the author and three recipients"
+        );
+        let many: Vec<Vec<String>> = (0..2500).map(|_| p(&Keys::generate())).collect();
+        let wrap = keys.sign(1, GIFT_WRAP, many, "");
+        assert_eq!(
+            write_locks(&wrap),
+            vec![author_lock(&keys.pubkey()), MANY_RECIPIENTS_LOCK]
+        );
     }
 
     /// The statements written here index with the configuration queries search with.

@@ -9,6 +9,7 @@ use deadpool_postgres::Pool;
 use futures_util::future::join_all;
 use shared::bus::{self, Entry, GatewayReply, QueryKind, QueryRequest, StoredEvent, TraceContext};
 use shared::event::EventId;
+use shared::filter::Filter;
 use shared::message::raw_json;
 use shared::store::StoreError;
 use shared::worker::{Context, Handler};
@@ -29,6 +30,9 @@ impl Query {
         Query { config }
     }
 }
+
+/// What a stored event adds to a reply message besides its JSON (its id and separators).
+const ENVELOPE_BYTES: usize = 96;
 
 /// Why a request got no results.
 enum Failure {
@@ -63,6 +67,31 @@ impl Failure {
                 tracing::warn!(sub = %req.sub_id, ms, "query ran out of time");
             }
             Failure::Store(e) => tracing::error!(error = %e, sub = %req.sub_id, "query failed"),
+        }
+    }
+}
+
+/// The rows of a request's filters so far, each event once.
+#[derive(Default)]
+struct Found {
+    seen: HashSet<EventId>,
+    rows: Vec<Row>,
+}
+
+impl Found {
+    fn add(&mut self, rows: Vec<tokio_postgres::Row>) {
+        for row in rows {
+            let id_bytes: &[u8] = row.get(0);
+            let Some(id) = EventId::from_slice(id_bytes) else {
+                continue;
+            };
+            if self.seen.insert(id) {
+                self.rows.push(Row {
+                    id,
+                    created_at: row.get(1),
+                    json: row.get(2),
+                });
+            }
         }
     }
 }
@@ -116,14 +145,20 @@ impl Query {
         let started = Instant::now();
         // The gateway checked these already; a worker does not trust the bus with its time.
         let refused = self.config.limits.check(&req.filters).err();
+        // Database time, charged to the asking address: from a connection taken to the
+        // answer (a negentropy round's whole time, its reconciliation included).
+        let mut db_time = Duration::ZERO;
         let messages: Vec<String> = match &req.kind {
             QueryKind::Events => {
                 let rows = match refused {
                     Some(reason) => Err(reason),
-                    None => self.run_filters(&ctx.db, &req).await.map_err(|e| {
-                        e.log(&req);
-                        e.reason()
-                    }),
+                    None => self
+                        .run_filters(&ctx.db, &req, &mut db_time)
+                        .await
+                        .map_err(|e| {
+                            e.log(&req);
+                            e.reason()
+                        }),
                 };
                 match rows {
                     Ok(rows) => {
@@ -141,7 +176,7 @@ impl Query {
             QueryKind::Count => {
                 let result = match refused {
                     Some(reason) => Err(reason),
-                    None => self.count(&ctx.db, &req).await.map_err(|e| {
+                    None => self.count(&ctx.db, &req, &mut db_time).await.map_err(|e| {
                         e.log(&req);
                         e.reason()
                     }),
@@ -158,7 +193,10 @@ impl Query {
                     (Some(reason), _) => Err(reason),
                     (None, Some(filter)) => {
                         let max = self.config.neg_max_items;
-                        crate::neg::reconcile(&ctx.db, filter, &req.viewer, message, max).await
+                        let reconciled =
+                            crate::neg::reconcile(&ctx.db, filter, &req.viewer, message, max).await;
+                        db_time = started.elapsed();
+                        reconciled
                     }
                     (None, None) => Err("invalid: NEG-OPEN needs one filter".to_owned()),
                 };
@@ -178,10 +216,14 @@ impl Query {
         for m in messages {
             pipe.publish(&channel, m).ignore();
         }
-        // The time spent is charged to the asking address (the gateway's query-time limit).
+        // The database time used is charged to the asking address (the gateway's
+        // query-time limit), less what the gateway reserved for it.
         if let Some(key) = &req.cost_key {
-            let ms = u64::try_from(spent.as_millis()).unwrap_or(u64::MAX).max(1);
-            pipe.incr(key, ms).ignore();
+            let used = i64::try_from(db_time.as_millis())
+                .unwrap_or(i64::MAX)
+                .max(1);
+            let reserved = i64::try_from(req.cost_reserved_ms).unwrap_or(i64::MAX);
+            pipe.incr(key, used.saturating_sub(reserved)).ignore();
             pipe.expire(key, bus::COST_KEY_TTL_SECS).ignore();
         }
         let sent: redis::RedisResult<()> = pipe.query_async(&mut redis).await;
@@ -196,57 +238,86 @@ impl Query {
     }
 
     /// Runs each filter and merges: duplicates dropped, newest first with ties by lowest id
-    /// (for a search, the order of relevance is kept). Each statement is cut off by
-    /// Postgres at the budget; a filter does not start once the budget is spent.
-    async fn run_filters(&self, db: &Pool, req: &QueryRequest) -> Result<Vec<Row>, Failure> {
-        let started = Instant::now();
-        let client = db.get().await.map_err(StoreError::from)?;
-        let now = shared::unix_now();
-        let mut seen = HashSet::new();
-        let mut rows = Vec::new();
-        for filter in req.filters.iter().filter(|f| !f.is_empty_set()) {
-            let limit = self.config.limits.clamp(filter.limit);
-            if limit == 0 {
-                continue;
-            }
-            if started.elapsed() >= self.budget() {
-                return Err(Failure::TimedOut(self.config.query_timeout_ms));
-            }
-            let q = events_query(filter, &req.viewer, now, limit as i64);
-            let found = q.fetch(&client).await.map_err(|e| self.failure(e))?;
-            for row in found {
-                let id_bytes: &[u8] = row.get(0);
-                let Some(id) = EventId::from_slice(id_bytes) else {
-                    continue;
-                };
-                if seen.insert(id) {
-                    rows.push(Row {
-                        id,
-                        created_at: row.get(1),
-                        json: row.get(2),
-                    });
-                }
-            }
+    /// (for a search, the order of relevance is kept). Together they get the request's
+    /// budget: Postgres cuts the first statement off at it, and each later one at what is
+    /// left (`SET LOCAL`, in one read transaction). `db_time` is set to the time spent once
+    /// a connection was taken (what the address is charged).
+    async fn run_filters(
+        &self,
+        db: &Pool,
+        req: &QueryRequest,
+        db_time: &mut Duration,
+    ) -> Result<Vec<Row>, Failure> {
+        let runs: Vec<(&Filter, u64)> = req
+            .filters
+            .iter()
+            .filter(|f| !f.is_empty_set())
+            .map(|f| (f, self.config.limits.clamp(f.limit)))
+            .filter(|(_, limit)| *limit > 0)
+            .collect();
+        if runs.is_empty() {
+            return Ok(Vec::new());
         }
+        let mut client = db.get().await.map_err(StoreError::from)?;
+        let started = Instant::now();
+        let now = shared::unix_now();
+        let mut found = Found::default();
+        let result = async {
+            let [(filter, limit)] = runs.as_slice() else {
+                // Several filters share the budget inside one transaction.
+                let tx = client.transaction().await.map_err(StoreError::from)?;
+                for (i, (filter, limit)) in runs.iter().enumerate() {
+                    if i > 0 {
+                        let left = self.budget().saturating_sub(started.elapsed());
+                        if left.is_zero() {
+                            return Err(Failure::TimedOut(self.config.query_timeout_ms));
+                        }
+                        let ms = left.as_millis().max(1);
+                        tx.batch_execute(&format!("SET LOCAL statement_timeout = {ms}"))
+                            .await
+                            .map_err(StoreError::from)?;
+                    }
+                    let q = events_query(filter, &req.viewer, now, *limit as i64);
+                    found.add(q.fetch(&tx).await.map_err(|e| self.failure(e))?);
+                }
+                tx.commit().await.map_err(StoreError::from)?;
+                return Ok(());
+            };
+            let q = events_query(filter, &req.viewer, now, *limit as i64);
+            found.add(q.fetch(&client).await.map_err(|e| self.failure(e))?);
+            Ok(())
+        }
+        .await;
+        *db_time = started.elapsed();
+        result?;
+        let mut rows = found.rows;
         if req.filters.iter().all(|f| f.search.is_none()) {
             rows.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
         }
         Ok(rows)
     }
 
-    /// Counts the events matching any filter.
-    async fn count(&self, db: &Pool, req: &QueryRequest) -> Result<u64, Failure> {
+    /// Counts the events matching any filter; `db_time` as for [`Query::run_filters`].
+    async fn count(
+        &self,
+        db: &Pool,
+        req: &QueryRequest,
+        db_time: &mut Duration,
+    ) -> Result<u64, Failure> {
         let filters: Vec<_> = req.filters.iter().filter(|f| !f.is_empty_set()).collect();
         if filters.is_empty() {
             return Ok(0);
         }
         let client = db.get().await.map_err(StoreError::from)?;
+        let started = Instant::now();
         let q = count_query(&filters, &req.viewer, shared::unix_now());
         let counted = async {
             let stmt = client.prepare_cached(&q.sql).await?;
             Ok::<i64, StoreError>(client.query_one(&stmt, &q.param_refs()).await?.get(0))
         };
-        let n = counted.await.map_err(|e| self.failure(e))?;
+        let counted = counted.await;
+        *db_time = started.elapsed();
+        let n = counted.map_err(|e| self.failure(e))?;
         Ok(n.max(0) as u64)
     }
 
@@ -261,34 +332,36 @@ impl Query {
     /// Splits the rows into reply messages; the last (possibly empty) one carries EOSE.
     fn chunks(&self, req: &QueryRequest, rows: Vec<Row>, trace: TraceContext) -> Vec<String> {
         let size = self.config.reply_chunk.max(1);
-        let mut events: Vec<StoredEvent> = rows
-            .into_iter()
-            .filter_map(|r| {
-                raw_json(r.json)
-                    .ok()
-                    .map(|json| StoredEvent { id: r.id, json })
-            })
-            .collect();
-        let mut out = Vec::new();
-        loop {
-            let rest = events.split_off(size.min(events.len()));
-            let chunk = std::mem::replace(&mut events, rest);
-            let eose = events.is_empty();
-            out.push(bus::encode(&GatewayReply::Events {
+        let message = |events: Vec<StoredEvent>, eose: bool| {
+            bus::encode(&GatewayReply::Events {
                 conn: req.conn,
                 req: req.req,
                 sub_id: req.sub_id.clone(),
-                events: chunk,
+                events,
                 eose,
                 trace: if eose {
                     trace.clone()
                 } else {
                     TraceContext::default()
                 },
-            }));
-            if eose {
-                return out;
+            })
+        };
+        // A chunk ends at `size` events or near `bus::MESSAGE_BYTES` (a larger event goes
+        // alone), so no reply comes near Redis's pub/sub output buffer limit.
+        let mut out = Vec::new();
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        for r in rows {
+            let Ok(json) = raw_json(r.json) else { continue };
+            let len = json.get().len() + ENVELOPE_BYTES;
+            if !chunk.is_empty() && (chunk.len() >= size || bytes + len > bus::MESSAGE_BYTES) {
+                out.push(message(std::mem::take(&mut chunk), false));
+                bytes = 0;
             }
+            bytes += len;
+            chunk.push(StoredEvent { id: r.id, json });
         }
+        out.push(message(chunk, true));
+        out
     }
 }

@@ -202,6 +202,10 @@ pub struct QueryRequest {
     /// asking address's query-time rate limit, which the gateway checks before each query.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost_key: Option<String>,
+    /// What the gateway reserved on `cost_key` when it sent the request (milliseconds); the
+    /// worker adds the time it used minus this.
+    #[serde(default)]
+    pub cost_reserved_ms: u64,
 }
 
 /// How long a query-time counter ([`QueryRequest::cost_key`]) lives, in seconds: two of the
@@ -356,6 +360,60 @@ impl Batch {
         }
         self.json.push(b']');
         Some(self.json)
+    }
+
+    /// Bytes so far (the message is one more).
+    fn len(&self) -> usize {
+        self.json.len()
+    }
+}
+
+/// The most bytes a worker puts in one pub/sub message (a batch of replies or live events,
+/// a chunk of stored events; a single larger envelope goes alone). Well under Redis's
+/// pub/sub client output buffer limit (32 MB by default, 8 MB sustained for a minute): a
+/// subscriber that lets more pile up is disconnected, so no single message may come near.
+pub const MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// Envelopes for one channel cut into messages of at most `max_bytes` each (see
+/// [`MESSAGE_BYTES`]), each a JSON array as [`Batch`] makes them.
+#[derive(Debug)]
+pub struct Batches {
+    max_bytes: usize,
+    current: Batch,
+    done: Vec<Vec<u8>>,
+}
+
+impl Default for Batches {
+    fn default() -> Self {
+        Batches::new(MESSAGE_BYTES)
+    }
+}
+
+impl Batches {
+    /// Messages of at most `max_bytes`.
+    pub fn new(max_bytes: usize) -> Self {
+        Batches {
+            max_bytes,
+            current: Batch::default(),
+            done: Vec::new(),
+        }
+    }
+
+    /// Appends an envelope, starting a new message when it would not fit in this one.
+    pub fn push<T: Serialize>(&mut self, envelope: &T) {
+        // ok: envelopes are strings, integers and already-valid raw JSON (see `encode`).
+        let json = serde_json::to_string(envelope).expect("envelope serializes");
+        if self.current.len() > 0 && self.current.len() + json.len() + 2 > self.max_bytes {
+            let full = std::mem::take(&mut self.current);
+            self.done.extend(full.finish());
+        }
+        self.current.push_encoded(&json);
+    }
+
+    /// The messages to publish, in order (none if nothing was pushed).
+    pub fn finish(mut self) -> Vec<Vec<u8>> {
+        self.done.extend(self.current.finish());
+        self.done
     }
 }
 
@@ -923,6 +981,25 @@ mod tests {
             trace: TraceContext::default(),
         };
         assert!(Batch::default().finish().is_none(), "nothing to publish");
+        let mut cut = Batches::new(40);
+        for n in 0..5 {
+            cut.push(&format!("envelope-{n}"));
+        }
+        cut.push(&"x".repeat(100));
+        let messages: Vec<String> = cut
+            .finish()
+            .into_iter()
+            .map(|m| String::from_utf8(m).expect("UTF-8"))
+            .collect();
+        assert_eq!(
+            messages,
+            [
+                r#"["envelope-0","envelope-1","envelope-2"]"#.to_owned(),
+                r#"["envelope-3","envelope-4"]"#.to_owned(),
+                format!(r#"["{}"]"#, "x".repeat(100)),
+            ],
+            "at most 40 bytes each; a larger envelope goes alone"
+        );
         let mut batch = Batch::default();
         for n in 0..3 {
             batch.push(&live(n));

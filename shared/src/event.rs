@@ -450,9 +450,9 @@ impl Event {
 
     /// NIP-70: whether this is a repost (kind 6 or 16) whose content embeds a protected
     /// event, which "MUST NOT" be embedded, or may embed one. Only the embedded event's tags
-    /// are read: any JSON object with a `["-"]` tag counts, signed or not. Content that
-    /// names `"tags"` but does not parse strictly (a repeated key, a lone surrogate, tags
-    /// of the wrong shape) counts too: clients' more lenient parsers (JavaScript keeps the
+    /// are read: any JSON object with a `["-"]` tag counts, signed or not. An object that
+    /// does not parse strictly (a repeated or escaped `tags` key, tags of the wrong shape,
+    /// not JSON at all) counts too: clients' more lenient parsers (JavaScript keeps the
     /// last of repeated keys) could see a protected event in it.
     pub fn embeds_protected_event(&self) -> bool {
         /// Serde refuses a repeated `tags` key, which is what makes this strict.
@@ -468,7 +468,7 @@ impl Event {
                 .iter()
                 .any(|t| t.len() == 1 && t[0].as_str() == Some("-")),
             Ok(Embedded { tags: None }) => false,
-            Err(_) => self.content.contains("\"tags\""),
+            Err(_) => true,
         }
     }
 
@@ -856,9 +856,12 @@ mod tests {
         assert!(repost(6, twice.into()).embeds_protected_event());
         let twice_open = r#"{"tags":[["-"]],"tags":[]}"#;
         assert!(repost(6, twice_open.into()).embeds_protected_event());
-        // Not strictly JSON but naming tags: suspect too; an object without tags is not.
+        // Not strictly parsed: suspect too; an object without tags is not.
         let surrogate = r#"{"content":"\ud800","tags":[["-"]]}"#;
         assert!(repost(6, surrogate.into()).embeds_protected_event());
+        let escaped_key = r#"{"t\u0061gs":[["-"],5]}"#;
+        assert!(repost(6, escaped_key.into()).embeds_protected_event());
+        assert!(repost(6, "{not json".into()).embeds_protected_event());
         assert!(!repost(6, r#"{"kind":1}"#.into()).embeds_protected_event());
         // Only reposts: a note quoting the JSON is left alone.
         assert!(!repost(1, protected.to_json()).embeds_protected_event());

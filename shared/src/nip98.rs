@@ -66,8 +66,8 @@ pub struct Request<'a> {
 
 /// Checks an `Authorization` header value against `request` at time `now` (unix seconds),
 /// accepting a `created_at` at most `max_skew_secs` from it, and returns the verified
-/// authorization event (its `pubkey` is the signer; its `id` lets the caller refuse a
-/// second use within the window). The `payload` tag is required (NIP-86), even for an
+/// authorization event (its `pubkey` is the signer; its signature, unique to each signing,
+/// lets the caller refuse a second use within the window). The `payload` tag is required (NIP-86), even for an
 /// empty body.
 pub fn verify_header(
     header: Option<&str>,

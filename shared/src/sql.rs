@@ -22,7 +22,7 @@ impl Query {
     /// client span.
     pub async fn fetch(
         &self,
-        client: &deadpool_postgres::Client,
+        client: &impl deadpool_postgres::GenericClient,
     ) -> Result<Vec<tokio_postgres::Row>, crate::store::StoreError> {
         use tracing::Instrument;
         let span = crate::trace_span!(

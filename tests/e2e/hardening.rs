@@ -11,6 +11,18 @@ use shared::event::signing::Keys;
 
 use crate::{note, now};
 
+/// One attack at a time: the bystander's bound is about what one hostile client costs the
+/// others, not two attacks sharing this machine's two cores.
+static ATTACK: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
+/// Takes the attack slot for a test's whole run.
+async fn attack_slot() -> tokio::sync::SemaphorePermit<'static> {
+    ATTACK
+        .acquire()
+        .await
+        .expect("the semaphore is never closed")
+}
+
 /// `n` distinct 64-character hex values.
 fn hexes(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{i:064x}")).collect()
@@ -28,6 +40,7 @@ async fn while_attacked<F: std::future::Future<Output = ()>>(bystander: &mut Bys
 
 #[tokio::test]
 async fn oversized_filters_are_refused_while_bystanders_are_served() {
+    let _slot = attack_slot().await;
     let cluster = Cluster::default_cluster().await;
     let mut bystander = Bystander::connect(&cluster.url(), None).await;
     let mut attacker = Client::connect(&cluster.url()).await.expect("connects");
@@ -93,6 +106,7 @@ async fn seed_rows(cluster: &Cluster, n: i64) {
 
 #[tokio::test]
 async fn slow_queries_end_with_error_and_their_database_time_is_rate_limited() {
+    let _slot = attack_slot().await;
     let options = ClusterOptions::with_env(&[
         ("RELAY_QUERY_TIMEOUT_MS", "100"),
         ("RELAY_RATE_QUERY_MS_PER_IP", "1000"),
@@ -139,6 +153,7 @@ async fn slow_queries_end_with_error_and_their_database_time_is_rate_limited() {
 
 #[tokio::test]
 async fn one_connection_cannot_hold_unbounded_subscriptions() {
+    let _slot = attack_slot().await;
     let cluster = Cluster::default_cluster().await;
     let mut bystander = Bystander::connect(&cluster.url(), None).await;
     let mut attacker = Client::connect(&cluster.url()).await.expect("connects");
@@ -187,6 +202,7 @@ async fn one_connection_cannot_hold_unbounded_subscriptions() {
 
 #[tokio::test]
 async fn gateways_are_not_ready_while_their_public_url_differs_from_the_ingest_workers() {
+    let _slot = attack_slot().await;
     use relay_tests::faults::wait_readyz;
     let cluster = Cluster::default_cluster().await;
     let addr = cluster.gateways[0].addr;
@@ -254,6 +270,7 @@ async fn upgrade_status(url: &str, forwarded: &str) -> u16 {
 
 #[tokio::test]
 async fn connections_count_by_the_balancer_s_hop_and_ipv6_by_64() {
+    let _slot = attack_slot().await;
     let options = ClusterOptions::with_env(&[
         ("RELAY_TRUST_FORWARDED", "true"),
         ("RELAY_MAX_CONNECTIONS_PER_IP", "2"),
@@ -299,6 +316,7 @@ async fn connections_count_by_the_balancer_s_hop_and_ipv6_by_64() {
 
 #[tokio::test]
 async fn auth_identities_per_connection_are_capped_and_auth_is_rate_limited() {
+    let _slot = attack_slot().await;
     let options = ClusterOptions::with_env(&[
         ("RELAY_TRUST_FORWARDED", "true"),
         ("RELAY_RATE_AUTHS_PER_IP", "30"),
@@ -343,6 +361,7 @@ async fn auth_identities_per_connection_are_capped_and_auth_is_rate_limited() {
 
 #[tokio::test]
 async fn a_repost_whose_embedded_event_repeats_tags_is_refused() {
+    let _slot = attack_slot().await;
     let cluster = Cluster::default_cluster().await;
     let mut c = cluster.client(0).await;
     let keys = Keys::generate();
@@ -364,4 +383,80 @@ async fn a_repost_whose_embedded_event_repeats_tags_is_refused() {
         r#"{"kind":1,"tags":[]}"#,
     );
     assert!(c.publish(&plain).await.accepted);
+}
+
+#[tokio::test]
+async fn heavy_deletions_and_gift_wraps_do_not_fail_other_events() {
+    let _slot = attack_slot().await;
+    let cluster = Cluster::default_cluster().await;
+    let mut bystander = Bystander::connect(&cluster.url(), None).await;
+    let mut attacker = Client::connect(&cluster.url()).await.expect("connects");
+    let keys = Keys::generate();
+    let pk = keys.pubkey().to_hex();
+    // An addressable event, then deletions naming it among 2,400 addresses each.
+    let article = keys.sign(
+        now() - 10,
+        shared::event::Kind(30023),
+        vec![vec!["d".into(), "d-7".into()]],
+        "to be deleted",
+    );
+    assert!(attacker.publish(&article).await.accepted);
+    let deletion = |n: i64| {
+        let tags = (0..2400)
+            .map(|i| vec!["a".to_owned(), format!("30023:{pk}:d-{i}")])
+            .collect();
+        keys.sign(
+            now() - 5,
+            shared::event::Kind(5),
+            tags,
+            format!("deletion {n}"),
+        )
+    };
+    let recipients: Vec<String> = (0..2400)
+        .map(|_| Keys::generate().pubkey().to_hex())
+        .collect();
+    let wrap = |n: usize| {
+        let tags = recipients
+            .iter()
+            .map(|r| vec!["p".to_owned(), r.clone()])
+            .collect();
+        Keys::generate().sign(now(), shared::event::Kind(1059), tags, format!("wrap {n}"))
+    };
+    // Signed and serialized before the clock starts: the test's own CPU (it shares one
+    // thread with the bystander) must not count against the relay.
+    let mut heavy: Vec<shared::event::Event> = (0..20).map(deletion).collect();
+    heavy.extend((0..10).map(wrap));
+    let frames: Vec<String> = heavy
+        .iter()
+        .map(|ev| format!("[\"EVENT\",{}]", ev.to_json()))
+        .collect();
+    let attack = async {
+        // All at once, so they share batches (and transactions) with each other.
+        for frame in &frames {
+            attacker.send_text(frame.as_str()).await;
+        }
+        let mut waiting: std::collections::HashSet<String> =
+            heavy.iter().map(|ev| ev.id.to_hex()).collect();
+        while !waiting.is_empty() {
+            if let shared::message::RelayMessage::Ok {
+                event_id,
+                accepted,
+                message,
+            } = attacker.recv().await
+            {
+                assert!(accepted, "{event_id}: {message}");
+                waiting.remove(&event_id);
+            }
+        }
+    };
+    while_attacked(&mut bystander, attack).await;
+    let gone = attacker
+        .req("gone", &[json!({"ids": [article.id.to_hex()]})])
+        .await;
+    assert!(gone.is_empty(), "the address was deleted");
+    let republished = attacker.publish(&article).await;
+    assert!(
+        !republished.accepted && republished.message.starts_with("blocked:"),
+        "{republished:?}"
+    );
 }

@@ -8,6 +8,7 @@
 //! load tests take [`HEAVY`] so that two of them never compete for the CPU at once.
 
 mod balancer;
+mod bus_overflow;
 mod crash;
 mod outage;
 mod postgres;

@@ -127,7 +127,7 @@ pub async fn within_req_rate(session: &Session) -> Result<(), String> {
     let rate = &state.config.rate;
     let limits = vec![
         Limit::reqs_from_ip(session.ip, rate.reqs_per_ip),
-        Limit::query_time_from_ip(session.ip, rate.query_ms_per_ip),
+        Limit::query_time_from_ip(session.ip, rate.query_ms_per_ip, rate.query_reserve_ms),
     ];
     match ratelimit::exceeded(state, limits).await {
         Some(limit) => Err(limit.to_string()),
@@ -157,6 +157,7 @@ pub async fn send_query(
         viewer,
         trace: TraceContext::of(&send),
         cost_key: ratelimit::query_time_key(state, session.ip),
+        cost_reserved_ms: state.config.rate.query_reserve_ms,
     };
     let mut redis = state.redis.clone();
     bus::add_entry(&mut redis, &stream, &bus::encode(&request))
