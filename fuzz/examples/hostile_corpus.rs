@@ -372,6 +372,15 @@ fn main() {
         let ev = k.sign(T + 4, Kind(1), vec![], "the signed content");
         event_msg(&ev).replacen("\"content\":", "\"content\":\"a decoy\",\"content\":", 1)
     });
+    // A raw control character inside a string is not JSON; the id is still readable.
+    c.put(
+        "event-raw-newline-in-content.txt",
+        event_msg(&k.sign(T + 4, Kind(1), vec![], "line\nbreak")).replace("\\n", "\n"),
+    );
+    c.put(
+        "event-raw-tab-in-content.txt",
+        event_msg(&k.sign(T + 4, Kind(1), vec![], "tab\there")).replace("\\t", "\t"),
+    );
     c.put(
         "event-nul-in-content.json",
         event_msg(&k.sign(T + 5, Kind(1), vec![], "before\u{0}after")),

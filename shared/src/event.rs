@@ -644,9 +644,9 @@ pub mod signing {
             self.pubkey
         }
 
-        /// Builds, hashes and signs an event. The signature uses fresh auxiliary randomness
-        /// (BIP-340's recommendation), so signing the same event twice gives two signatures,
-        /// as clients' do: a NIP-98 authorization is then never a replay of an earlier one.
+        /// Builds, hashes and signs an event, deterministically (BIP-340 without auxiliary
+        /// randomness): the same event gives the same bytes, so generated corpora are
+        /// reproducible.
         pub fn sign(
             &self,
             created_at: i64,
@@ -654,10 +654,38 @@ pub mod signing {
             tags: Vec<Vec<String>>,
             content: impl Into<String>,
         ) -> Event {
-            let content = content.into();
-            let id = compute_id(&self.pubkey, created_at, kind, &tags, &content);
+            self.sign_with(created_at, kind, tags, content.into(), None)
+        }
+
+        /// Like [`Keys::sign`], with fresh auxiliary randomness (BIP-340's recommendation,
+        /// what clients do): signing the same event twice gives two signatures, so a NIP-98
+        /// authorization made twice in one second is never a replay of the first.
+        pub fn sign_fresh(
+            &self,
+            created_at: i64,
+            kind: Kind,
+            tags: Vec<Vec<String>>,
+            content: impl Into<String>,
+        ) -> Event {
             let aux: [u8; 32] = rand::random();
-            let sig = secp256k1::schnorr::sign_with_aux_rand(id.as_bytes(), &self.keypair, &aux);
+            self.sign_with(created_at, kind, tags, content.into(), Some(aux))
+        }
+
+        fn sign_with(
+            &self,
+            created_at: i64,
+            kind: Kind,
+            tags: Vec<Vec<String>>,
+            content: String,
+            aux: Option<[u8; 32]>,
+        ) -> Event {
+            let id = compute_id(&self.pubkey, created_at, kind, &tags, &content);
+            let sig = match aux {
+                Some(aux) => {
+                    secp256k1::schnorr::sign_with_aux_rand(id.as_bytes(), &self.keypair, &aux)
+                }
+                None => secp256k1::schnorr::sign_no_aux_rand(id.as_bytes(), &self.keypair),
+            };
             Event {
                 id,
                 pubkey: self.pubkey,

@@ -227,6 +227,31 @@ impl MessageError {
     }
 }
 
+/// The event id of a frame that is not valid JSON but starts like an `EVENT` or `AUTH`
+/// message (a raw control character in a string, say): the first `"id"` key outside an
+/// escape, followed by 64 lowercase hex characters in quotes.
+fn readable_event_id(text: &str) -> Option<EventId> {
+    let rest = text.trim_start().strip_prefix('[')?.trim_start();
+    let rest = rest
+        .strip_prefix("\"EVENT\"")
+        .or_else(|| rest.strip_prefix("\"AUTH\""))?;
+    let mut from = 0;
+    while let Some(at) = rest[from..].find("\"id\"") {
+        let start = from + at;
+        from = start + 4;
+        if rest[..start].ends_with('\\') {
+            continue;
+        }
+        let value = rest[from..].trim_start().strip_prefix(':')?.trim_start();
+        let hex = value.strip_prefix('"')?.get(..64)?;
+        if value[1 + 64..].starts_with('"') {
+            return EventId::from_hex(hex).ok();
+        }
+        return None;
+    }
+    None
+}
+
 impl ClientMessage {
     /// Parses one client text frame.
     pub fn parse(text: &str) -> Result<Self, MessageError> {
@@ -244,8 +269,18 @@ impl ClientMessage {
                 ClientMessage::Auth(event)
             });
         }
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| MessageError::NotJson(crate::event::clip(&e.to_string())))?;
+        let value: Value = serde_json::from_str(text).map_err(|e| {
+            let detail = crate::event::clip(&e.to_string());
+            // An EVENT (or AUTH) whose id can still be read is answered with `OK false`,
+            // which a client waits for, rather than a NOTICE it may not show.
+            match readable_event_id(text) {
+                Some(id) => MessageError::BadEvent {
+                    id: Some(id),
+                    error: crate::event::EventError::Malformed(format!("not valid JSON: {detail}")),
+                },
+                None => MessageError::NotJson(detail),
+            }
+        })?;
         let Value::Array(mut items) = value else {
             return Err(MessageError::NotCommand);
         };
@@ -555,6 +590,39 @@ mod tests {
     }
 
     #[test]
+    fn an_event_that_is_not_json_but_has_a_readable_id_gets_ok_false() {
+        let ev = Keys::generate().sign(1, Kind(1), vec![], "line\nbreak");
+        let id = ev.id;
+        // The JSON escape `\n` written as a raw newline: not JSON any more.
+        let raw = format!("[\"EVENT\",{}]", ev.to_json()).replace("\\n", "\n");
+        match ClientMessage::parse(&raw) {
+            Err(e @ MessageError::BadEvent { id: Some(got), .. }) => {
+                assert_eq!(got, id);
+                assert!(e.reason().starts_with("invalid: "), "{}", e.reason());
+            }
+            other => panic!("expected OK false: {other:?}"),
+        }
+        let auth = raw.replacen("EVENT", "AUTH", 1);
+        assert!(matches!(
+            ClientMessage::parse(&auth),
+            Err(MessageError::BadEvent { id: Some(_), .. })
+        ));
+        // No readable id: a NOTICE, as before.
+        let hidden = format!(
+            "[\"EVENT\",{{\"content\":\"\\\"id\\\":\\\"{}\\\"\t\"}}]",
+            "a".repeat(64)
+        );
+        assert!(matches!(
+            ClientMessage::parse(&hidden),
+            Err(MessageError::NotJson(_))
+        ));
+        assert!(matches!(
+            ClientMessage::parse("[\"REQ\",\"line\nbreak\",{}]"),
+            Err(MessageError::NotJson(_))
+        ));
+    }
+
+    #[test]
     fn events_parse_the_same_with_or_without_the_shortcut() {
         let ev = Keys::generate().sign(1, Kind(1), vec![vec!["t".into(), "x".into()]], "hi");
         let json = ev.to_json();
@@ -577,7 +645,8 @@ mod tests {
         assert!(matches!(ClientMessage::parse(&repeated), Ok(ClientMessage::Event(e)) if *e == ev));
         let extra = format!("[\"EVENT\",{json},1]");
         assert!(ClientMessage::parse(&extra).is_err());
-        // Unknown fields are skipped unvalidated by serde; the general path refuses these.
+        // Unknown fields are skipped unvalidated by serde; the general path refuses these
+        // (with `OK false`: the id is readable).
         for unknown in [r#""x":"\ud800","#, r#""x":1e400,"#] {
             let text = format!(
                 "[\"EVENT\",{}]",
@@ -585,9 +654,10 @@ mod tests {
             );
             let err = ClientMessage::parse(&text).expect_err(&text);
             assert!(
-                err.reason().starts_with("invalid: could not parse"),
+                matches!(err, MessageError::BadEvent { id: Some(id), .. } if id == ev.id),
                 "{text}: {err}"
             );
+            assert!(err.reason().starts_with("invalid: "), "{text}: {err}");
         }
         let known_extra = format!("[\"EVENT\",{}]", json.replacen('{', "{\"x\":1,", 1));
         assert!(

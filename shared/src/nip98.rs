@@ -165,7 +165,7 @@ pub fn authorization(
         vec!["method".to_owned(), method.to_owned()],
         vec!["payload".to_owned(), payload_hash(body)],
     ];
-    let event = keys.sign(now, HTTP_AUTH_KIND, tags, "");
+    let event = keys.sign_fresh(now, HTTP_AUTH_KIND, tags, "");
     format!("Nostr {}", STANDARD.encode(event.to_json()))
 }
 

@@ -8,8 +8,11 @@
 //! ([`Kind::is_searchable`]), not even for a query of extensions only.
 //!
 //! They differ in how a word matches: Postgres compares whole tokens and reads
-//! `websearch_to_tsquery` syntax (`or`, `-word`, quotes), while live matching looks for each
-//! word as a substring, so a live `relay` also matches "relays".
+//! `websearch_to_tsquery` syntax (`or`, `-word`, quotes), while live matching splits the
+//! content into words (runs of letters and digits) once per event and looks each query word
+//! up as the start of one of them, so a live `relay` also matches "relays". A lookup is a
+//! binary search: matching costs the same whatever the content's length, and one
+//! subscription's many words cannot make every live event expensive.
 //!
 //! [`Kind::is_searchable`]: crate::event::Kind::is_searchable
 
@@ -31,6 +34,8 @@ pub struct Search {
     /// Lowercased, without `key:value` extensions (which this relay does not support and
     /// ignores) and without NUL.
     terms: Vec<String>,
+    /// The terms' runs of letters and digits, each once: what live matching looks up.
+    parts: Vec<String>,
 }
 
 impl Search {
@@ -49,7 +54,14 @@ impl Search {
                 terms.push(word);
             }
         }
-        Search { query, terms }
+        let mut parts: Vec<String> = terms.iter().flat_map(|t| words_of(t)).collect();
+        parts.sort_unstable();
+        parts.dedup();
+        Search {
+            query,
+            terms,
+            parts,
+        }
     }
 
     /// How many distinct words the query holds (what `FilterLimits::max_search_words`
@@ -73,22 +85,35 @@ impl Search {
     }
 
     /// In-memory matching for live events: an event with a [`stored_text`] (as stored
-    /// queries only see those) that holds every word, ignoring case. The event comes as its
-    /// [`LiveText`], shared by every search it is matched against, so its content is
-    /// lowercased once, not once per search.
+    /// queries only see those) one of whose words starts with each part of each query word,
+    /// ignoring case. The event comes as its [`LiveText`], shared by every search it is
+    /// matched against, so its content is split into words once, not once per search.
     pub fn matches(&self, text: &LiveText<'_>) -> bool {
-        if self.terms.is_empty() {
+        if self.parts.is_empty() {
             return text.has_text();
         }
-        let text = text.lowercased();
-        !text.is_empty() && self.terms.iter().all(|t| text.contains(t.as_str()))
+        let words = text.words();
+        !words.is_empty()
+            && self.parts.iter().all(|part| {
+                // The smallest word not below `part` is the one it could start.
+                let at = words.partition_point(|w| w.as_str() < part.as_str());
+                words.get(at).is_some_and(|w| w.starts_with(part.as_str()))
+            })
     }
 }
 
-/// An event's [`stored_text`], lowercased the first time a search needs it.
+/// The runs of letters and digits of `text`, lowercased.
+fn words_of(text: &str) -> impl Iterator<Item = String> + '_ {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+}
+
+/// An event's [`stored_text`] as sorted lowercase words, made the first time a search
+/// needs them.
 pub struct LiveText<'a> {
     event: &'a Event,
-    lowercased: OnceCell<String>,
+    words: OnceCell<Vec<String>>,
 }
 
 impl<'a> LiveText<'a> {
@@ -96,7 +121,7 @@ impl<'a> LiveText<'a> {
     pub fn new(event: &'a Event) -> Self {
         LiveText {
             event,
-            lowercased: OnceCell::new(),
+            words: OnceCell::new(),
         }
     }
 
@@ -104,9 +129,13 @@ impl<'a> LiveText<'a> {
         !stored_text(self.event).is_empty()
     }
 
-    fn lowercased(&self) -> &str {
-        self.lowercased
-            .get_or_init(|| stored_text(self.event).to_lowercase())
+    fn words(&self) -> &[String] {
+        self.words.get_or_init(|| {
+            let mut words: Vec<String> = words_of(&stored_text(self.event)).collect();
+            words.sort_unstable();
+            words.dedup();
+            words
+        })
     }
 }
 
@@ -149,6 +178,11 @@ mod tests {
         let s = Search::new("Hello WORLD".into());
         assert!(finds(&s, &note(1, "hello there, big world")));
         assert!(!finds(&s, &note(1, "hello there")));
+        // A word matches the start of a content word, across punctuation and case.
+        let relay = Search::new("relay nostr.com".into());
+        assert!(finds(&relay, &note(1, "Two RELAYS at nostr.com!")));
+        assert!(!finds(&relay, &note(1, "norelay at nostr.com")));
+        assert!(!finds(&relay, &note(1, "relays at nostr.org")));
         // Ciphertext kinds are not searched, even when the words happen to be in them.
         assert!(!finds(&s, &note(4, "hello world")));
         // A query of extensions only finds what has search text: not ciphertext, nor an

@@ -460,3 +460,36 @@ async fn heavy_deletions_and_gift_wraps_do_not_fail_other_events() {
         "{republished:?}"
     );
 }
+
+#[tokio::test]
+async fn events_with_nul_and_unlisted_escapes_round_trip_with_valid_ids() {
+    let cluster = Cluster::default_cluster().await;
+    let mut c = cluster.client(0).await;
+    let mut listener = cluster.client(0).await;
+    let keys = Keys::generate();
+    listener
+        .send_req(
+            "live",
+            &[json!({"authors": [keys.pubkey().to_hex()], "limit": 0})],
+        )
+        .await;
+    listener.until_eose("live").await;
+    // NUL, other C0 controls, DEL and U+2028 are serialized verbatim for the id (NIP-01 lists
+    // only seven escapes), and travel as JSON escapes.
+    let content = "nul\u{0}one\u{1}us\u{1f}del\u{7f}ls\u{2028}quote\"back\\\\nl\ntab\t";
+    let ev = keys.sign(
+        now(),
+        shared::event::Kind(1),
+        vec![vec!["t".into(), "tag\u{0}with\u{1}controls".into()]],
+        content,
+    );
+    let ack = c.publish(&ev).await;
+    assert!(ack.accepted, "{ack:?}");
+    let stored = c.req("back", &[json!({"ids": [ev.id.to_hex()]})]).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0], ev, "served byte for byte");
+    stored[0].verify().expect("the served event verifies");
+    let live = listener.next_event("live").await;
+    assert_eq!(live, ev);
+    live.verify().expect("the live copy verifies");
+}
