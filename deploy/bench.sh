@@ -338,6 +338,7 @@ common=(
     "RELAY_RATE_REQS_PER_IP=0"
     "RELAY_RATE_QUERY_MS_PER_IP=0"
     "RELAY_RATE_AUTHS_PER_IP=0"
+    "RELAY_MAX_CONNECTIONS_PER_IP=1000000"
 )
 set -m # each relay process in its own process group: Ctrl-C reaches only this script
 start_proc ingest-worker "$BIN/ingest-worker" "${common[@]}" "RELAY_DATABASE_URL=$DB_URL"

@@ -21,18 +21,36 @@ const WINDOW_SECS: i64 = 60;
 static SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(SOURCE));
 
-// KEYS[i] is counter i; ARGV[2i-1] its maximum, ARGV[2i] what this message adds (0 only
-// reads it), the last ARGV the counters' lifetime.
+// KEYS[i] is counter i; ARGV[3i-2] its maximum, ARGV[3i-1] what this message adds,
+// ARGV[3i] "1" for a budget (it is only taken when it fits: a refused message adds
+// nothing) or "0" for a count (every message counts, refused or not); the last ARGV is
+// the counters' lifetime.
 const SOURCE: &str = r"
+local ttl = ARGV[3 * #KEYS + 1]
+local function add(key, n)
+  local total = redis.call('INCRBY', key, n)
+  if redis.call('TTL', key) < 0 then redis.call('EXPIRE', key, ttl) end
+  return total
+end
+for i, key in ipairs(KEYS) do
+  if ARGV[3 * i] == '1' then
+    local used = tonumber(redis.call('GET', key) or '0')
+    if used + tonumber(ARGV[3 * i - 1]) > tonumber(ARGV[3 * i - 2]) then return i end
+  end
+end
 local exceeded = 0
 for i, key in ipairs(KEYS) do
-  local n = redis.call('INCRBY', key, ARGV[2 * i])
-  if redis.call('TTL', key) < 0 then redis.call('EXPIRE', key, ARGV[2 * #KEYS + 1]) end
-  if exceeded == 0 and n > tonumber(ARGV[2 * i - 1]) then exceeded = i end
+  if ARGV[3 * i] ~= '1' then
+    local n = add(key, ARGV[3 * i - 1])
+    if exceeded == 0 and n > tonumber(ARGV[3 * i - 2]) then exceeded = i end
+  end
 end
-return exceeded
+if exceeded ~= 0 then return exceeded end
+for i, key in ipairs(KEYS) do
+  if ARGV[3 * i] == '1' then add(key, ARGV[3 * i - 1]) end
+end
+return 0
 ";
-
 pub use shared::address::address_key;
 
 /// A counter and its per-window maximum.
@@ -40,8 +58,10 @@ pub struct Limit {
     what: &'static str,
     who: String,
     max: u64,
-    /// What one message adds to the counter (0: the counter is only read).
+    /// What one message adds to the counter.
     add: u64,
+    /// A budget (taken only when it fits) rather than a count.
+    budget: bool,
 }
 
 impl Limit {
@@ -52,6 +72,7 @@ impl Limit {
             who: address_key(ip),
             max,
             add: 1,
+            budget: false,
         }
     }
 
@@ -62,6 +83,7 @@ impl Limit {
             who: pubkey.to_hex(),
             max,
             add: 1,
+            budget: false,
         }
     }
 
@@ -72,20 +94,26 @@ impl Limit {
             who: address_key(ip),
             max,
             add: 1,
+            budget: false,
         }
     }
 
-    /// Milliseconds of database time the address's queries used this window. Each query
-    /// reserves `reserve_ms` when it is checked (so a burst sent before any answer counts
-    /// too), and the query worker adds what it really used minus the reservation
-    /// ([`query_time_key`], [`shared::bus::QueryRequest::cost_reserved_ms`]).
+    /// Milliseconds of database time the address's queries used this window, a budget.
+    /// Each query reserves `reserve_ms` when it is checked (so a burst sent before any
+    /// answer counts too); the query worker adds what it really used minus the reservation
+    /// ([`Reservation`]), or the gateway gives it back when no query goes out.
     pub fn query_time_from_ip(ip: IpAddr, max_ms: u64, reserve_ms: u64) -> Self {
         Limit {
             what: "qms-ip",
             who: address_key(ip),
             max: max_ms,
             add: reserve_ms,
+            budget: true,
         }
+    }
+
+    fn key(&self, state: &AppState, window: i64) -> String {
+        state.bus.rate_key(self.what, &self.who, window)
     }
 
     /// AUTH messages per address.
@@ -95,42 +123,86 @@ impl Limit {
             who: address_key(ip),
             max,
             add: 1,
+            budget: false,
         }
     }
 }
 
-/// The counter a query worker adds the database time of a query from `ip` to, or `None`
-/// when the query-time limit is off.
-pub fn query_time_key(state: &AppState, ip: IpAddr) -> Option<String> {
-    let limit = Limit::query_time_from_ip(ip, state.config.rate.query_ms_per_ip, 0);
-    (limit.max > 0).then(|| {
-        let window = shared::unix_now() / WINDOW_SECS;
-        state.bus.rate_key(limit.what, &limit.who, window)
-    })
+/// Database time reserved on an address's budget for one query: it travels with the query
+/// (`QueryRequest::cost_key`, `cost_reserved_ms`) so the worker settles it, or is given
+/// back with [`Reservation::release`] when no query goes out.
+#[derive(Debug)]
+pub struct Reservation {
+    /// The budget's counter, in the window the reservation was taken in.
+    pub key: String,
+    /// Milliseconds reserved.
+    pub ms: u64,
+}
+
+impl Reservation {
+    /// Gives the reservation back (no query went out).
+    pub async fn release(self, state: &AppState) {
+        let mut redis = state.redis.clone();
+        let given_back: redis::RedisResult<i64> = redis::cmd("DECRBY")
+            .arg(&self.key)
+            .arg(self.ms)
+            .query_async(&mut redis)
+            .await;
+        if let Err(e) = given_back {
+            tracing::debug!(error = %e, "cannot give back a query-time reservation");
+        }
+    }
 }
 
 /// Counts one message against every limit (0 = off); returns the first limit exceeded.
 pub async fn exceeded(state: &AppState, limits: Vec<Limit>) -> Option<Limit> {
+    check(state, limits, shared::unix_now() / WINDOW_SECS)
+        .await
+        .err()
+}
+
+/// Counts one query message against `count` and reserves `budget`'s time (0 = off): the
+/// reservation, or the first limit exceeded (then nothing is reserved).
+pub async fn reserve(
+    state: &AppState,
+    count: Limit,
+    budget: Limit,
+) -> Result<Option<Reservation>, Limit> {
+    let window = shared::unix_now() / WINDOW_SECS;
+    let reservation = (budget.max > 0).then(|| Reservation {
+        key: budget.key(state, window),
+        ms: budget.add,
+    });
+    check(state, vec![count, budget], window).await?;
+    Ok(reservation)
+}
+
+async fn check(state: &AppState, limits: Vec<Limit>, window: i64) -> Result<(), Limit> {
     let limits: Vec<Limit> = limits.into_iter().filter(|l| l.max > 0).collect();
     if limits.is_empty() {
-        return None;
+        return Ok(());
     }
-    let window = shared::unix_now() / WINDOW_SECS;
     let mut invocation = SCRIPT.prepare_invoke();
     for l in &limits {
-        invocation.key(state.bus.rate_key(l.what, &l.who, window));
+        invocation.key(l.key(state, window));
     }
     for l in &limits {
-        invocation.arg(l.max).arg(l.add);
+        invocation
+            .arg(l.max)
+            .arg(l.add)
+            .arg(if l.budget { "1" } else { "0" });
     }
     invocation.arg(WINDOW_SECS * 2);
     let mut redis = state.redis.clone();
     match invocation.invoke_async::<usize>(&mut redis).await {
-        Ok(0) => None,
-        Ok(i) => limits.into_iter().nth(i - 1),
+        Ok(0) => Ok(()),
+        Ok(i) => match limits.into_iter().nth(i - 1) {
+            Some(limit) => Err(limit),
+            None => Ok(()),
+        },
         Err(e) => {
             tracing::warn!(error = %e, "rate limit check failed; letting the message through");
-            None
+            Ok(())
         }
     }
 }

@@ -122,22 +122,35 @@ impl Handler for Ingest {
         let (light, heavy): (Vec<Decoded>, Vec<Decoded>) = decode_all(entries)
             .into_iter()
             .partition(|(_, _, json, _)| json.get().len() <= HEAVY_EVENT_BYTES);
-        if heavy.is_empty() || light.is_empty() {
-            let all = if heavy.is_empty() { light } else { heavy };
-            return self.handle_events(ctx, all).await;
+        let mut answers = redis::pipe();
+        if heavy.is_empty() {
+            self.handle_events(ctx, light, &mut answers).await;
+            return answers;
         }
-        let answers = self.handle_events(ctx, light).await;
-        let mut redis = ctx.redis.clone();
-        if let Err(e) = answers.query_async::<()>(&mut redis).await {
-            tracing::error!(error = %e, "sending answers before the heavy events failed");
+        if !light.is_empty() {
+            self.handle_events(ctx, light, &mut answers).await;
+            let mut redis = ctx.redis.clone();
+            match answers.query_async::<()>(&mut redis).await {
+                Ok(()) => answers = redis::pipe(),
+                // Kept, to go with the heavy events' answers before the acknowledgement.
+                Err(e) => {
+                    tracing::warn!(error = %e, "sending answers before the heavy events failed")
+                }
+            }
         }
-        self.handle_events(ctx, heavy).await
+        self.handle_events(ctx, heavy, &mut answers).await;
+        answers
     }
 }
 
 impl Ingest {
-    /// Verifies, checks and stores `decoded`; returns their answers and live copies.
-    async fn handle_events(&self, ctx: &Context, decoded: Vec<Decoded>) -> redis::Pipeline {
+    /// Verifies, checks and stores `decoded`; adds their answers and live copies to `pipe`.
+    async fn handle_events(
+        &self,
+        ctx: &Context,
+        decoded: Vec<Decoded>,
+        pipe: &mut redis::Pipeline,
+    ) {
         let mut items = verify_all(decoded).await;
         let mut replies = Replies::default();
         let moderation = self.moderation.get();
@@ -181,7 +194,7 @@ impl Ingest {
         for (item, stored) in items.iter().zip(results) {
             answer(item, stored, &mut replies);
         }
-        replies.into_pipeline(ctx)
+        replies.add_to(ctx, pipe);
     }
 }
 
@@ -315,9 +328,13 @@ fn decode_all(entries: &[Entry]) -> Vec<Decoded> {
 /// switches than the verification itself.
 const INLINE_VERIFY_MAX: usize = 4;
 
-/// Parses and verifies every event, spreading the signature checks over the cores.
+/// Parses and verifies every event, spreading the signature checks over the cores. A few
+/// small events are done on the loop's own thread; a big one never is.
 async fn verify_all(decoded: Vec<Decoded>) -> Vec<Item> {
-    if decoded.len() <= INLINE_VERIFY_MAX {
+    let small = decoded
+        .iter()
+        .all(|(_, _, json, _)| json.get().len() <= HEAVY_EVENT_BYTES);
+    if small && decoded.len() <= INLINE_VERIFY_MAX {
         return decoded.into_iter().filter_map(verify_one).collect();
     }
     let mut items = Vec::new();
@@ -426,8 +443,7 @@ impl Replies {
 
     /// The batch's messages: live events first, then the `OK`s, so a publisher subscribed
     /// to its own event sees it before its `OK`, as when each event was sent alone.
-    fn into_pipeline(self, ctx: &Context) -> redis::Pipeline {
-        let mut pipe = redis::pipe();
+    fn add_to(self, ctx: &Context, pipe: &mut redis::Pipeline) {
         for live in self.live.finish() {
             pipe.publish(ctx.bus.live_channel(), live).ignore();
         }
@@ -437,7 +453,6 @@ impl Replies {
                 pipe.publish(&channel, oks).ignore();
             }
         }
-        pipe
     }
 }
 

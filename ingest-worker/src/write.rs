@@ -49,8 +49,11 @@ pub struct Pending<'a> {
 /// to about 2.7 kB; longer values are kept in the event but cannot be queried by tag.
 const MAX_INDEXED_TAG_VALUE: usize = 1024;
 
-const LOCK_SHARED: &str = "SELECT pg_advisory_xact_lock_shared($1)";
-const LOCK_EXCLUSIVE: &str = "SELECT pg_advisory_xact_lock($1)";
+/// Takes the advisory locks `$1` in array order, each exclusively where `$2` says so, else
+/// shared: one round trip for all of a transaction's locks.
+const LOCK_ALL: &str = "SELECT count(CASE WHEN t.exclusive THEN pg_advisory_xact_lock(t.key)::text \
+     ELSE pg_advisory_xact_lock_shared(t.key)::text END) \
+     FROM unnest($1::bigint[], $2::bool[]) AS t(key, exclusive)";
 
 const REFUSED: &str = "SELECT \
      EXISTS (SELECT 1 FROM deleted_events WHERE id = $1 AND pubkey = $2), \
@@ -242,16 +245,9 @@ async fn lock_all(tx: &Transaction<'_>, batch: &[Pending<'_>]) -> Result<(), Sto
             }
         }
     }
-    let shared = tx.prepare_cached(LOCK_SHARED).await?;
-    let exclusive_lock = tx.prepare_cached(LOCK_EXCLUSIVE).await?;
-    for (key, is_exclusive) in exclusive {
-        let statement = if is_exclusive {
-            &exclusive_lock
-        } else {
-            &shared
-        };
-        tx.execute(statement, &[&key]).await?;
-    }
+    let (keys, modes): (Vec<i64>, Vec<bool>) = exclusive.into_iter().unzip();
+    tx.execute(&tx.prepare_cached(LOCK_ALL).await?, &[&keys, &modes])
+        .await?;
     Ok(())
 }
 

@@ -267,18 +267,20 @@ impl Query {
                 // Several filters share the budget inside one transaction.
                 let tx = client.transaction().await.map_err(StoreError::from)?;
                 for (i, (filter, limit)) in runs.iter().enumerate() {
-                    if i > 0 {
-                        let left = self.budget().saturating_sub(started.elapsed());
-                        if left.is_zero() {
-                            return Err(Failure::TimedOut(self.config.query_timeout_ms));
-                        }
-                        let ms = left.as_millis().max(1);
-                        tx.batch_execute(&format!("SET LOCAL statement_timeout = {ms}"))
-                            .await
-                            .map_err(StoreError::from)?;
-                    }
                     let q = events_query(filter, &req.viewer, now, *limit as i64);
-                    found.add(q.fetch(&tx).await.map_err(|e| self.failure(e))?);
+                    if i == 0 {
+                        found.add(q.fetch(&tx).await.map_err(|e| self.failure(e))?);
+                        continue;
+                    }
+                    let left = self.budget().saturating_sub(started.elapsed());
+                    if left.is_zero() {
+                        return Err(Failure::TimedOut(self.config.query_timeout_ms));
+                    }
+                    let set = format!("SET LOCAL statement_timeout = {}", left.as_millis().max(1));
+                    // Polled together, the two go out in one round trip, the SET first.
+                    let (timeout_set, fetched) = tokio::join!(tx.batch_execute(&set), q.fetch(&tx));
+                    timeout_set.map_err(StoreError::from)?;
+                    found.add(fetched.map_err(|e| self.failure(e))?);
                 }
                 tx.commit().await.map_err(StoreError::from)?;
                 return Ok(());

@@ -401,13 +401,18 @@ impl Batches {
 
     /// Appends an envelope, starting a new message when it would not fit in this one.
     pub fn push<T: Serialize>(&mut self, envelope: &T) {
-        // ok: envelopes are strings, integers and already-valid raw JSON (see `encode`).
-        let json = serde_json::to_string(envelope).expect("envelope serializes");
-        if self.current.len() > 0 && self.current.len() + json.len() + 2 > self.max_bytes {
+        let before = self.current.len();
+        // Serialized in place; moved to a message of its own if it did not fit.
+        self.current.push(envelope);
+        if before > 0 && self.current.len() + 1 > self.max_bytes {
+            // Everything after the separator is the new envelope.
+            let envelope = self.current.json.split_off(before + 1);
+            self.current.json.truncate(before);
             let full = std::mem::take(&mut self.current);
             self.done.extend(full.finish());
+            self.current.json.push(b'[');
+            self.current.json.extend_from_slice(&envelope);
         }
-        self.current.push_encoded(&json);
     }
 
     /// The messages to publish, in order (none if nothing was pushed).

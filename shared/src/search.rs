@@ -89,8 +89,12 @@ impl Search {
     /// ignoring case. The event comes as its [`LiveText`], shared by every search it is
     /// matched against, so its content is split into words once, not once per search.
     pub fn matches(&self, text: &LiveText<'_>) -> bool {
-        if self.parts.is_empty() {
+        if self.terms.is_empty() {
             return text.has_text();
+        }
+        if self.parts.is_empty() {
+            // Words without letters or digits ("🎉"): Postgres finds nothing for them either.
+            return false;
         }
         let words = text.words();
         !words.is_empty()

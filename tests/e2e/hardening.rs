@@ -493,3 +493,67 @@ async fn events_with_nul_and_unlisted_escapes_round_trip_with_valid_ids() {
     assert_eq!(live, ev);
     live.verify().expect("the live copy verifies");
 }
+
+#[tokio::test]
+async fn query_time_reservations_are_settled_or_given_back() {
+    let _slot = attack_slot().await;
+    // Five queries may be in flight at once; a leaked reservation would use the budget up.
+    let options = ClusterOptions::with_env(&[
+        ("RELAY_RATE_QUERY_MS_PER_IP", "500"),
+        ("RELAY_RATE_QUERY_RESERVE_MS", "100"),
+        ("RELAY_REPLY_TIMEOUT_MS", "30000"),
+    ]);
+    let mut cluster = Cluster::start(options).await.expect("cluster starts");
+    let mut c = cluster.client(0).await;
+    // Live-only subscriptions run no query and reserve nothing.
+    for i in 0..30 {
+        let sub = format!("live-{i}");
+        c.send_req(&sub, &[json!({"kinds": [1], "limit": 0})]).await;
+        c.until_eose(&sub).await;
+        c.send_json(json!(["CLOSE", sub])).await;
+    }
+    // Queries one after another: each reservation is settled by what the query used.
+    for i in 0..30 {
+        let sub = format!("q-{i}");
+        c.send_req(&sub, &[json!({"kinds": [1], "limit": 1})]).await;
+        c.until_eose(&sub).await;
+        assert!(
+            c.count(&format!("n-{i}"), &[json!({"kinds": [1]})])
+                .await
+                .is_ok()
+        );
+    }
+    // With the query worker gone, queries stay in flight: past five, they are refused.
+    let mut worker = cluster.workers.remove(1);
+    worker.kill().await.expect("query worker killed");
+    for i in 0..10 {
+        c.send_req(&format!("burst-{i}"), &[json!({"kinds": [1], "limit": 1})])
+            .await;
+    }
+    let mut refused = 0;
+    while refused < 5 {
+        if let shared::message::RelayMessage::Closed { sub_id, message } = c.recv().await {
+            assert!(message.starts_with("rate-limited:"), "{sub_id}: {message}");
+            refused += 1;
+        }
+    }
+    // A new worker answers the five and settles their reservations: served again.
+    let _worker = cluster
+        .spawn_worker("query-worker", 1)
+        .await
+        .expect("query worker starts");
+    relay_tests::eventually(Duration::from_secs(10), "a query served again", || async {
+        let mut probe = cluster.client(0).await;
+        probe
+            .send_req("after", &[json!({"kinds": [1], "limit": 1})])
+            .await;
+        loop {
+            match probe.recv().await {
+                shared::message::RelayMessage::Eose(_) => return true,
+                shared::message::RelayMessage::Closed { .. } => return false,
+                _ => {}
+            }
+        }
+    })
+    .await;
+}

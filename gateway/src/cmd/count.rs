@@ -22,10 +22,14 @@ impl Count {
 
     /// Publishes the count query; the answer comes back through the reply channel.
     pub async fn handle(mut self, session: &mut Session) {
-        if let Err(reason) = admit(session, &self.query_id, &mut self.filters, false).await {
-            session.send(closed_frame(&self.query_id, &reason));
-            return;
-        }
+        let admitted = admit(session, &self.query_id, &mut self.filters, false, true);
+        let reservation = match admitted.await {
+            Ok(reservation) => reservation,
+            Err(reason) => {
+                session.send(closed_frame(&self.query_id, &reason));
+                return;
+            }
+        };
         let state = &session.state;
         let req = ReqId(state.next_id());
         state
@@ -38,6 +42,7 @@ impl Count {
             self.filters,
             QueryKind::Count,
             session.viewer(),
+            reservation,
         )
         .await;
         if let Err(e) = added {

@@ -8,6 +8,7 @@ use shared::filter::Filter;
 use shared::message::{NegMessage, SubId, neg_err_frame};
 
 use crate::cmd::req::{admit, send_query, within_req_rate};
+use crate::ratelimit::Reservation;
 use crate::session::Session;
 
 /// A client's negentropy message.
@@ -60,11 +61,14 @@ impl Negentropy {
 /// session limit; the session is registered before its first round goes on the bus.
 async fn open(session: &mut Session, sub_id: SubId, filter: Filter, message: NegMessage) {
     let mut filters = [filter];
-    if let Err(reason) = admit(session, &sub_id, &mut filters, false).await {
-        // Including a session of the same id this would have replaced.
-        end(session, &sub_id, &reason);
-        return;
-    }
+    let reservation = match admit(session, &sub_id, &mut filters, false, true).await {
+        Ok(reservation) => reservation,
+        Err(reason) => {
+            // Including a session of the same id this would have replaced.
+            end(session, &sub_id, &reason);
+            return;
+        }
+    };
     let [filter] = filters;
     let state = &session.state;
     let req = ReqId(state.next_id());
@@ -78,9 +82,12 @@ async fn open(session: &mut Session, sub_id: SubId, filter: Filter, message: Neg
     );
     if let Err(refused) = opened {
         session.send(neg_err_frame(&sub_id, &refused.to_string()));
+        if let Some(reservation) = reservation {
+            reservation.release(state).await;
+        }
         return;
     }
-    publish(session, sub_id, req, filter, viewer, message).await;
+    publish(session, sub_id, req, filter, viewer, message, reservation).await;
 }
 
 /// Refuses with `NEG-ERR` and closes the session of that id: after a `NEG-ERR` it is over
@@ -93,19 +100,25 @@ pub(crate) fn end(session: &Session, sub_id: &SubId, reason: &str) {
 /// `NEG-MSG`: the next round of an open session, against the filter it was opened with.
 async fn round(session: &mut Session, sub_id: SubId, message: NegMessage) {
     let state = &session.state;
-    if let Err(reason) = within_req_rate(session).await {
-        end(session, &sub_id, &reason);
-        return;
-    }
+    let reservation = match within_req_rate(session, true).await {
+        Ok(reservation) => reservation,
+        Err(reason) => {
+            end(session, &sub_id, &reason);
+            return;
+        }
+    };
     let req = ReqId(state.next_id());
     let Some((filter, viewer)) = state.registry.neg_round(session.conn, &sub_id, req) else {
         session.send(neg_err_frame(
             &sub_id,
             "closed: no negentropy session with this id; send NEG-OPEN first",
         ));
+        if let Some(reservation) = reservation {
+            reservation.release(state).await;
+        }
         return;
     };
-    publish(session, sub_id, req, filter, viewer, message).await;
+    publish(session, sub_id, req, filter, viewer, message, reservation).await;
 }
 
 /// Puts one round on the query stream; when Redis refuses, the session ends with `error:`.
@@ -116,10 +129,20 @@ async fn publish(
     filter: Filter,
     viewer: Viewer,
     message: NegMessage,
+    reservation: Option<Reservation>,
 ) {
     let state = &session.state;
     let kind = QueryKind::Negentropy { message };
-    let added = send_query(session, req, &sub_id, vec![filter], kind, viewer).await;
+    let added = send_query(
+        session,
+        req,
+        &sub_id,
+        vec![filter],
+        kind,
+        viewer,
+        reservation,
+    )
+    .await;
     if let Err(e) = added {
         tracing::warn!(error = %e, sub = %sub_id, "cannot publish negentropy round");
         let reason = "error: the relay cannot reconcile right now; try again".to_owned();

@@ -9,7 +9,7 @@ use tracing::{Instrument, field::Empty};
 
 use crate::cmd::send_span;
 use crate::policy;
-use crate::ratelimit::{self, Limit};
+use crate::ratelimit::{self, Limit, Reservation};
 use crate::session::Session;
 
 /// Refuses a `REQ` with `CLOSED`. A `REQ` replaces the subscription of the same id, and
@@ -49,10 +49,20 @@ impl Subscribe {
 
     async fn subscribe(mut self, session: &mut Session) {
         let state = &session.state;
-        if let Err(reason) = admit(session, &self.sub_id, &mut self.filters, true).await {
-            refuse(session, &self.sub_id, &reason);
-            return;
-        }
+        // Filters with `limit: 0` (or matching nothing) need no query; `limit` only changes
+        // by clamping in `admit`, never to or from 0.
+        let stored_done = self
+            .filters
+            .iter()
+            .all(|f| f.limit == Some(0) || f.is_empty_set());
+        let admitted = admit(session, &self.sub_id, &mut self.filters, true, !stored_done);
+        let reservation = match admitted.await {
+            Ok(reservation) => reservation,
+            Err(reason) => {
+                refuse(session, &self.sub_id, &reason);
+                return;
+            }
+        };
         let req = ReqId(state.next_id());
         let query: Vec<Filter> = self
             .filters
@@ -60,7 +70,6 @@ impl Subscribe {
             .filter(|f| f.limit != Some(0) && !f.is_empty_set())
             .cloned()
             .collect();
-        let stored_done = query.is_empty();
         let registered = state.registry.subscribe(
             session.conn,
             self.sub_id.clone(),
@@ -70,6 +79,9 @@ impl Subscribe {
         );
         if let Err(too_big) = registered {
             refuse(session, &self.sub_id, &too_big.to_string());
+            if let Some(reservation) = reservation {
+                reservation.release(state).await;
+            }
             return;
         }
         if stored_done {
@@ -82,6 +94,7 @@ impl Subscribe {
             query,
             QueryKind::Events,
             session.viewer(),
+            reservation,
         )
         .await;
         if let Err(e) = added {
@@ -97,13 +110,15 @@ impl Subscribe {
 }
 
 /// The checks a `REQ` (`opens_subscription`) or `COUNT` passes before it goes on the bus:
-/// id length, filter policy and limits, the subscription count, and the per-IP rate limit.
+/// id length, filter policy and limits, the subscription count, and the per-IP rate limit;
+/// when it will `query`, the database time it reserves (see [`within_req_rate`]).
 pub async fn admit(
     session: &Session,
     sub_id: &SubId,
     filters: &mut [Filter],
     opens_subscription: bool,
-) -> Result<(), String> {
+    query: bool,
+) -> Result<Option<Reservation>, String> {
     let state = &session.state;
     policy::check_sub_id(session, sub_id)?;
     policy::check_query(session, filters)?;
@@ -116,26 +131,35 @@ pub async fn admit(
             ));
         }
     }
-    within_req_rate(session).await
+    within_req_rate(session, query).await
 }
 
 /// Counts one query message (`REQ`, `COUNT`, `NEG-OPEN`, `NEG-MSG`) against the per-IP
-/// rate limit, and checks the address's database time this minute; over either, `Err`
-/// holds the `rate-limited:` reason for the client.
-pub async fn within_req_rate(session: &Session) -> Result<(), String> {
+/// rate limit and, when it will `query` the workers, reserves database time on the
+/// address's budget: the reservation goes with the query ([`send_query`]) or is given back.
+/// Over either limit, `Err` holds the `rate-limited:` reason for the client.
+pub async fn within_req_rate(
+    session: &Session,
+    query: bool,
+) -> Result<Option<Reservation>, String> {
     let state = &session.state;
     let rate = &state.config.rate;
-    let limits = vec![
-        Limit::reqs_from_ip(session.ip, rate.reqs_per_ip),
-        Limit::query_time_from_ip(session.ip, rate.query_ms_per_ip, rate.query_reserve_ms),
-    ];
-    match ratelimit::exceeded(state, limits).await {
-        Some(limit) => Err(limit.to_string()),
-        None => Ok(()),
+    let count = Limit::reqs_from_ip(session.ip, rate.reqs_per_ip);
+    if !query {
+        return match ratelimit::exceeded(state, vec![count]).await {
+            Some(limit) => Err(limit.to_string()),
+            None => Ok(None),
+        };
     }
+    let budget = Limit::query_time_from_ip(session.ip, rate.query_ms_per_ip, rate.query_reserve_ms);
+    ratelimit::reserve(state, count, budget)
+        .await
+        .map_err(|limit| limit.to_string())
 }
 
-/// Puts a query on this connection's query stream shard, traced as a producer span.
+/// Puts a query on this connection's query stream shard, traced as a producer span, with
+/// its database-time `reservation` for the worker to settle (given back when the query
+/// cannot be sent).
 pub async fn send_query(
     session: &Session,
     req: ReqId,
@@ -143,6 +167,7 @@ pub async fn send_query(
     filters: Vec<Filter>,
     kind: QueryKind,
     viewer: shared::bus::Viewer,
+    reservation: Option<Reservation>,
 ) -> Result<(), bus::BusError> {
     let state = &session.state;
     let stream = state.bus.query_stream(session.conn);
@@ -156,11 +181,17 @@ pub async fn send_query(
         kind,
         viewer,
         trace: TraceContext::of(&send),
-        cost_key: ratelimit::query_time_key(state, session.ip),
-        cost_reserved_ms: state.config.rate.query_reserve_ms,
+        cost_key: reservation.as_ref().map(|r| r.key.clone()),
+        cost_reserved_ms: reservation.as_ref().map_or(0, |r| r.ms),
     };
     let mut redis = state.redis.clone();
-    bus::add_entry(&mut redis, &stream, &bus::encode(&request))
+    let added = bus::add_entry(&mut redis, &stream, &bus::encode(&request))
         .instrument(send)
-        .await
+        .await;
+    if added.is_err()
+        && let Some(reservation) = reservation
+    {
+        reservation.release(state).await;
+    }
+    added
 }
