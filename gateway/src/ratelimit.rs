@@ -137,6 +137,8 @@ pub struct Reservation {
     pub key: String,
     /// Milliseconds reserved.
     pub ms: u64,
+    /// The budget it was reserved on, per window.
+    pub limit: u64,
 }
 
 impl Reservation {
@@ -172,6 +174,7 @@ pub async fn reserve(
     let reservation = (budget.max > 0).then(|| Reservation {
         key: budget.key(state, window),
         ms: budget.add,
+        limit: budget.max,
     });
     check(state, vec![count, budget], window).await?;
     Ok(reservation)

@@ -1,12 +1,13 @@
 //! The query batch handler: run each `REQ`'s filters, merge, stream back, end with EOSE; or
 //! count for `COUNT`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use futures_util::future::join_all;
+use futures_util::{StreamExt, join};
 use shared::bus::{self, Entry, GatewayReply, QueryKind, QueryRequest, StoredEvent, TraceContext};
 use shared::event::EventId;
 use shared::filter::Filter;
@@ -30,6 +31,10 @@ impl Query {
         Query { config }
     }
 }
+
+/// Requests of one address (one `cost_key`) a batch runs at once: its slow queries hold
+/// that many connections while everyone else's in the batch run beside them.
+const PER_ADDRESS: usize = 2;
 
 /// What a stored event adds to a reply message besides its JSON (its id and separators).
 const ENVELOPE_BYTES: usize = 96;
@@ -103,6 +108,23 @@ struct Row {
     json: String,
 }
 
+/// `Some(rate-limited: reason)` when the address paying for `req` has used more than its
+/// budget this window (the queries answered since this one was sent count).
+async fn budget_used_up(
+    redis: &mut redis::aio::ConnectionManager,
+    req: &QueryRequest,
+) -> Option<String> {
+    let key = req.cost_key.as_ref().filter(|_| req.cost_limit_ms > 0)?;
+    let used: Option<i64> = redis::AsyncCommands::get(redis, key).await.ok()?;
+    let used = u64::try_from(used?).unwrap_or(0);
+    (used > req.cost_limit_ms).then(|| {
+        format!(
+            "rate-limited: queries from your address used more than {} ms of database time this minute; slow down",
+            req.cost_limit_ms
+        )
+    })
+}
+
 impl Handler for Query {
     /// Statements cut off at the query budget (`RELAY_QUERY_TIMEOUT_MS`).
     fn pool(&self, db: &shared::config::DatabaseConfig) -> Result<Pool, StoreError> {
@@ -128,11 +150,28 @@ impl Handler for Query {
                 }
             }
         });
-        join_all(requests.map(|(req, span)| {
+        // One address's requests run at most PER_ADDRESS at a time (by who pays: its
+        // `cost_key`), so its slow queries hold that many connections while everyone
+        // else's run beside them; requests nobody pays for run each on its own.
+        let mut by_address: HashMap<String, Vec<(QueryRequest, tracing::Span)>> = HashMap::new();
+        let mut alone = Vec::new();
+        for (req, span) in requests {
+            match req.cost_key.clone() {
+                Some(key) => by_address.entry(key).or_default().push((req, span)),
+                None => alone.push((req, span)),
+            }
+        }
+        let answer = |(req, span): (QueryRequest, tracing::Span)| {
             let trace = TraceContext::of(&span);
             self.answer(ctx, req, trace).instrument(span)
-        }))
-        .await;
+        };
+        let groups = by_address.into_values().map(|group| {
+            futures_util::stream::iter(group)
+                .map(answer)
+                .buffer_unordered(PER_ADDRESS)
+                .collect::<Vec<()>>()
+        });
+        join!(join_all(groups), join_all(alone.into_iter().map(answer)));
         // Each answer was sent as soon as it was ready.
         redis::pipe()
     }
@@ -144,7 +183,11 @@ impl Query {
         let mut redis = ctx.redis.clone();
         let started = Instant::now();
         // The gateway checked these already; a worker does not trust the bus with its time.
-        let refused = self.config.limits.check(&req.filters).err();
+        // Nor does it run a query whose address used its database time up meanwhile.
+        let refused = match self.config.limits.check(&req.filters) {
+            Err(reason) => Some(reason),
+            Ok(()) => budget_used_up(&mut redis, &req).await,
+        };
         // Database time, charged to the asking address: from a connection taken to the
         // answer (a negentropy round's whole time, its reconciliation included).
         let mut db_time = Duration::ZERO;

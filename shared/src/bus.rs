@@ -206,6 +206,10 @@ pub struct QueryRequest {
     /// worker adds the time it used minus this.
     #[serde(default)]
     pub cost_reserved_ms: u64,
+    /// The budget `cost_key` counts against (milliseconds per window): a worker that finds
+    /// it used up (by queries answered since this one was sent) refuses without running.
+    #[serde(default)]
+    pub cost_limit_ms: u64,
 }
 
 /// How long a query-time counter ([`QueryRequest::cost_key`]) lives, in seconds: two of the

@@ -183,6 +183,7 @@ pub async fn send_query(
         trace: TraceContext::of(&send),
         cost_key: reservation.as_ref().map(|r| r.key.clone()),
         cost_reserved_ms: reservation.as_ref().map_or(0, |r| r.ms),
+        cost_limit_ms: reservation.as_ref().map_or(0, |r| r.limit),
     };
     let mut redis = state.redis.clone();
     let added = bus::add_entry(&mut redis, &stream, &bus::encode(&request))
