@@ -2,12 +2,13 @@
 //! count for `COUNT`.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use tokio::sync::Semaphore;
 
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
-use futures_util::future::join_all;
-use futures_util::{StreamExt, join};
+
 use shared::bus::{self, Entry, GatewayReply, QueryKind, QueryRequest, StoredEvent, TraceContext};
 use shared::event::EventId;
 use shared::filter::Filter;
@@ -23,18 +24,80 @@ use shared::sql::{count_query, events_query};
 #[derive(Clone)]
 pub struct Query {
     config: QueryConfig,
+    /// Shared by every loop of this process.
+    running: Running,
+    /// Requests accepted and not answered yet (`ACCEPTED` permits).
+    accepted: Arc<Semaphore>,
 }
 
 impl Query {
     /// A handler with these limits.
     pub fn new(config: QueryConfig) -> Self {
-        Query { config }
+        Query {
+            config,
+            running: Running::default(),
+            accepted: Arc::new(Semaphore::new(ACCEPTED)),
+        }
     }
 }
 
-/// Requests of one address (one `cost_key`) a batch runs at once: its slow queries hold
-/// that many connections while everyone else's in the batch run beside them.
+/// Requests of one address (one `cost_key`) this process runs at once: its slow queries
+/// hold that many connections while everyone else's run beside them.
 const PER_ADDRESS: usize = 2;
+
+/// Requests a process holds at once, waiting for their address's turn or running; past it,
+/// the loops stop reading until some are answered.
+const ACCEPTED: usize = 1024;
+
+/// Who runs a query now, by address: each address's semaphore, while anyone holds or waits
+/// for it.
+#[derive(Clone, Default)]
+struct Running(Arc<Mutex<HashMap<String, Arc<Semaphore>>>>);
+
+impl Running {
+    /// Waits for one of `key`'s places; requests nobody pays for (`None`) never wait.
+    async fn place(&self, key: Option<&str>) -> Option<Place> {
+        let key = key?;
+        let semaphore = Arc::clone(
+            self.lock()
+                .entry(key.to_owned())
+                .or_insert_with(|| Arc::new(Semaphore::new(PER_ADDRESS))),
+        );
+        // ok: the semaphore is never closed.
+        let permit = Arc::clone(&semaphore).acquire_owned().await.ok()?;
+        Some(Place {
+            running: self.clone(),
+            key: key.to_owned(),
+            permit: Some(permit),
+            semaphore,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Semaphore>>> {
+        // A map of semaphores: a panic elsewhere leaves nothing half-updated in it.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A place among an address's running queries; dropping it frees the place, and the
+/// address's entry once nobody else holds or waits for it.
+struct Place {
+    running: Running,
+    key: String,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    semaphore: Arc<Semaphore>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        let mut running = self.running.lock();
+        // Only the map's reference and this one are left: nobody holds or waits.
+        if Arc::strong_count(&self.semaphore) == 2 {
+            running.remove(&self.key);
+        }
+    }
+}
 
 /// What a stored event adds to a reply message besides its JSON (its id and separators).
 const ENVELOPE_BYTES: usize = 96;
@@ -131,6 +194,19 @@ impl Handler for Query {
         shared::store::read_pool(db, self.budget())
     }
 
+    /// Waits (at most the query budget and a few seconds) for the requests still being
+    /// answered.
+    async fn drain(&self) {
+        let wait = self.budget() + Duration::from_secs(5);
+        let all = u32::try_from(ACCEPTED).unwrap_or(u32::MAX);
+        if tokio::time::timeout(wait, self.accepted.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!("stopping with queries still unanswered");
+        }
+    }
+
     async fn handle(&mut self, ctx: &Context, entries: &[Entry]) -> redis::Pipeline {
         let requests = entries.iter().filter_map(|entry| {
             match entry.payload.as_deref().map(bus::decode::<QueryRequest>) {
@@ -150,29 +226,25 @@ impl Handler for Query {
                 }
             }
         });
-        // One address's requests run at most PER_ADDRESS at a time (by who pays: its
-        // `cost_key`), so its slow queries hold that many connections while everyone
-        // else's run beside them; requests nobody pays for run each on its own.
-        let mut by_address: HashMap<String, Vec<(QueryRequest, tracing::Span)>> = HashMap::new();
-        let mut alone = Vec::new();
+        // Each request is answered in a task of its own, so a slow one holds neither this
+        // batch's other requests nor this loop: the batch is acknowledged once its requests
+        // are accepted (a worker that dies loses the queries in hand; their gateways answer
+        // `error:` at the reply timeout). At most ACCEPTED wait or run at once: past that,
+        // the loop waits here before reading more.
         for (req, span) in requests {
-            match req.cost_key.clone() {
-                Some(key) => by_address.entry(key).or_default().push((req, span)),
-                None => alone.push((req, span)),
-            }
+            // ok: the semaphore is never closed.
+            let Ok(permit) = Arc::clone(&self.accepted).acquire_owned().await else {
+                continue;
+            };
+            let this = self.clone();
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                let trace = TraceContext::of(&span);
+                this.answer(&ctx, req, trace).instrument(span).await;
+                drop(permit);
+            });
         }
-        let answer = |(req, span): (QueryRequest, tracing::Span)| {
-            let trace = TraceContext::of(&span);
-            self.answer(ctx, req, trace).instrument(span)
-        };
-        let groups = by_address.into_values().map(|group| {
-            futures_util::stream::iter(group)
-                .map(answer)
-                .buffer_unordered(PER_ADDRESS)
-                .collect::<Vec<()>>()
-        });
-        join!(join_all(groups), join_all(alone.into_iter().map(answer)));
-        // Each answer was sent as soon as it was ready.
+        // Each answer is sent by its task when ready.
         redis::pipe()
     }
 }
@@ -181,6 +253,7 @@ impl Query {
     async fn answer(&self, ctx: &Context, req: QueryRequest, trace: TraceContext) {
         let channel = ctx.bus.gateway_channel(&req.gateway);
         let mut redis = ctx.redis.clone();
+        let _place = self.running.place(req.cost_key.as_deref()).await;
         let started = Instant::now();
         // The gateway checked these already; a worker does not trust the bus with its time.
         // Nor does it run a query whose address used its database time up meanwhile.

@@ -101,7 +101,9 @@ pub struct Context {
 /// The worker-specific part: handle one batch of entries. Every entry must be answered
 /// before this returns: sent already, or put in the returned pipeline (replies to
 /// gateways, live events), which the loop sends followed by the batch's acknowledgements,
-/// in one round trip. Each of the [`WorkerConfig::concurrency`] loops has its own clone.
+/// in one round trip. (The query worker's handler, whose answers are reads a gateway can
+/// time out, instead accepts them into tasks of its own and waits for them in
+/// [`Handler::drain`].) Each of the [`WorkerConfig::concurrency`] loops has its own clone.
 pub trait Handler: Clone + Send + 'static {
     /// Called once when the worker is ready, before the first batch; may spawn background
     /// tasks (they end with the process).
@@ -111,6 +113,12 @@ pub trait Handler: Clone + Send + 'static {
     /// wants other connection settings).
     fn pool(&self, db: &DatabaseConfig) -> Result<Pool, StoreError> {
         store::pool(db)
+    }
+
+    /// Called once the loops stopped, before the worker returns: a handler that answers in
+    /// tasks of its own waits for them here (with a deadline of its own).
+    fn drain(&self) -> impl Future<Output = ()> + Send {
+        async {}
     }
 
     /// Handles a batch; returns what is left to publish (possibly an empty pipeline).
@@ -241,6 +249,7 @@ pub async fn run<H: Handler>(
             std::panic::resume_unwind(e.into_panic());
         }
     }
+    handler.drain().await;
     tracing::info!(role = role.name(), "worker stopping");
     let _ = heartbeat.await;
     Ok(())
