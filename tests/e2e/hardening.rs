@@ -104,22 +104,37 @@ async fn seed_rows(cluster: &Cluster, n: i64) {
     db.batch_execute("ANALYZE events").await.expect("analyze");
 }
 
+/// Three filters over every seeded row: a union of 1.2 million rows to count.
+const EVERYTHING: [&str; 3] = [r#"{}"#, r#"{"kinds":[1]}"#, r#"{"since":0}"#];
+
+/// A cluster with `env` (and trusting `X-Forwarded-For`) on 400,000 seeded rows, a bystander
+/// on 192.0.2.2 and an attacker on 192.0.2.1.
+async fn slow_query_cluster(env: &[(&str, &str)]) -> (Cluster, Bystander, Client) {
+    let mut options = ClusterOptions::with_env(env);
+    options
+        .env
+        .extend(relay_tests::env_vars(&[("RELAY_TRUST_FORWARDED", "true")]));
+    let cluster = Cluster::start(options).await.expect("cluster starts");
+    seed_rows(&cluster, 400_000).await;
+    let bystander = Bystander::connect(&cluster.url(), Some("192.0.2.2")).await;
+    let attacker = Client::connect_from(&cluster.url(), "192.0.2.1")
+        .await
+        .expect("connects");
+    (cluster, bystander, attacker)
+}
+
 #[tokio::test]
 async fn slow_queries_end_with_error_and_their_database_time_is_rate_limited() {
     let _slot = attack_slot().await;
-    let options = ClusterOptions::with_env(&[
+    let (_cluster, mut bystander, mut attacker) = slow_query_cluster(&[
         ("RELAY_QUERY_TIMEOUT_MS", "100"),
         ("RELAY_RATE_QUERY_MS_PER_IP", "1000"),
-        ("RELAY_TRUST_FORWARDED", "true"),
-    ]);
-    let cluster = Cluster::start(options).await.expect("cluster starts");
-    seed_rows(&cluster, 400_000).await;
-    let mut bystander = Bystander::connect(&cluster.url(), Some("192.0.2.2")).await;
-    let mut attacker = Client::connect_from(&cluster.url(), "192.0.2.1")
-        .await
-        .expect("connects");
-    // Three filters over every row: a union of 1.2 million rows to count.
-    let everything = [json!({}), json!({"kinds": [1]}), json!({"since": 0})];
+    ])
+    .await;
+    let everything: Vec<Value> = EVERYTHING
+        .iter()
+        .map(|f| serde_json::from_str(f).expect("json"))
+        .collect();
     let attack = async {
         for i in 0..60 {
             let started = Instant::now();
@@ -561,27 +576,21 @@ async fn query_time_reservations_are_settled_or_given_back() {
 #[tokio::test]
 async fn a_burst_of_slow_queries_holds_no_worker_and_is_cut_off_by_its_budget() {
     let _slot = attack_slot().await;
-    let options = ClusterOptions::with_env(&[
+    let (_cluster, mut bystander, mut attacker) = slow_query_cluster(&[
         ("RELAY_QUERY_TIMEOUT_MS", "1000"),
         ("RELAY_RATE_QUERY_MS_PER_IP", "5000"),
         ("RELAY_RATE_QUERY_RESERVE_MS", "100"),
-        ("RELAY_TRUST_FORWARDED", "true"),
-    ]);
-    let cluster = Cluster::start(options).await.expect("cluster starts");
-    seed_rows(&cluster, 400_000).await;
-    let mut bystander = Bystander::connect(&cluster.url(), Some("192.0.2.2")).await;
-    let mut attacker = Client::connect_from(&cluster.url(), "192.0.2.1")
-        .await
-        .expect("connects");
-    let everything = [json!({}), json!({"kinds": [1]}), json!({"since": 0})];
+    ])
+    .await;
     // Forty slow counts at once: the gateway's reservations let all forty go out, but a
     // worker runs two of one address's at a time (in tasks of their own, so they hold no
     // loop) and refuses the rest once the address's five seconds are used.
     let attack = async {
         for i in 0..40 {
-            let mut msg = vec![json!("COUNT"), json!(format!("slow-{i}"))];
-            msg.extend(everything.iter().cloned());
-            attacker.send_json(Value::Array(msg)).await;
+            let filters = EVERYTHING.join(",");
+            attacker
+                .send_text(format!("[\"COUNT\",\"slow-{i}\",{filters}]"))
+                .await;
         }
         let started = Instant::now();
         let (mut ran, mut limited) = (0, 0);
