@@ -51,7 +51,7 @@ for i, key in ipairs(KEYS) do
 end
 return 0
 ";
-pub use shared::address::address_key;
+use shared::address::address_key;
 
 /// A counter and its per-window maximum.
 pub struct Limit {
@@ -130,7 +130,7 @@ impl Limit {
 
 /// Database time reserved on an address's budget for one query: it travels with the query
 /// (`QueryRequest::cost_key`, `cost_reserved_ms`) so the worker settles it, or is given
-/// back with [`Reservation::release`] when no query goes out.
+/// back with [`give_back`] when no query goes out.
 #[derive(Debug)]
 pub struct Reservation {
     /// The budget's counter, in the window the reservation was taken in.
@@ -141,18 +141,19 @@ pub struct Reservation {
     pub limit: u64,
 }
 
-impl Reservation {
-    /// Gives the reservation back (no query went out).
-    pub async fn release(self, state: &AppState) {
-        let mut redis = state.redis.clone();
-        let given_back: redis::RedisResult<i64> = redis::cmd("DECRBY")
-            .arg(&self.key)
-            .arg(self.ms)
-            .query_async(&mut redis)
-            .await;
-        if let Err(e) = given_back {
-            tracing::debug!(error = %e, "cannot give back a query-time reservation");
-        }
+/// Gives a reservation back: no query went out for it (`None`: nothing was reserved).
+pub async fn give_back(state: &AppState, reservation: Option<Reservation>) {
+    let Some(reservation) = reservation else {
+        return;
+    };
+    let mut redis = state.redis.clone();
+    let given_back: redis::RedisResult<i64> = redis::cmd("DECRBY")
+        .arg(&reservation.key)
+        .arg(reservation.ms)
+        .query_async(&mut redis)
+        .await;
+    if let Err(e) = given_back {
+        tracing::debug!(error = %e, "cannot give back a query-time reservation");
     }
 }
 

@@ -776,17 +776,8 @@ impl Registry {
             for (_, q) in c.pending_count.take_all() {
                 push(conn, &c.handle, closed_frame(&q, RETRY));
             }
-            let mut ended = Vec::new();
-            c.neg.retain(|sub_id, neg| {
-                if neg.deadline.is_none() {
-                    return true;
-                }
-                ended.push(neg_err_frame(sub_id, RETRY));
-                false
-            });
-            for frame in ended {
-                push(conn, &c.handle, frame);
-            }
+            // Rounds in flight; sessions waiting for the client's next round go on.
+            end_neg_sessions(conn, c, |neg| neg.deadline.map(|_| RETRY));
             for (sub_id, sub) in c.subs.drain() {
                 push(conn, &c.handle, closed_frame(&sub_id, RETRY));
                 unindex.push((conn, sub_id, sub.keys));
@@ -823,12 +814,11 @@ impl Registry {
             ev.indexed_tags()
                 .map(|(letter, value)| IndexKey::Tag(letter, value.to_owned())),
         );
-        let readers: Option<Vec<PubKey>> =
-            self.policy.restricted_kinds.contains(&ev.kind).then(|| {
-                std::iter::once(ev.pubkey)
-                    .chain(ev.tag_values("p").filter_map(|p| PubKey::from_hex(p).ok()))
-                    .collect()
-            });
+        let readers: Option<Vec<PubKey>> = self
+            .policy
+            .restricted_kinds
+            .contains(&ev.kind)
+            .then(|| ev.readers().collect());
         // Under the lock, only what the index finds: each candidate's filters (a pointer).
         let candidates: Vec<(ConnId, SubId, ReqId, Arc<Vec<Filter>>)> = {
             let inner = self.lock();
@@ -940,12 +930,23 @@ fn forget_sent(inner: &mut Inner, now: Instant) {
 
 /// Ends a connection's negentropy sessions whose round is overdue or whose client went quiet.
 fn expire_neg(conn: ConnId, c: &mut Conn, now: Instant) {
+    end_neg_sessions(conn, c, |neg| match neg.deadline {
+        Some(d) if d <= now => Some("error: the relay could not reconcile in time; try again"),
+        None if neg.idle_at <= now => Some("closed: no NEG-MSG for too long; send NEG-OPEN again"),
+        _ => None,
+    });
+}
+
+/// Ends, with `NEG-ERR`, the connection's negentropy sessions `reason` gives a reason for.
+fn end_neg_sessions(
+    conn: ConnId,
+    c: &mut Conn,
+    reason: impl Fn(&NegSession) -> Option<&'static str>,
+) {
     let mut ended = Vec::new();
     c.neg.retain(|sub_id, neg| {
-        let reason = match neg.deadline {
-            Some(d) if d <= now => "error: the relay could not reconcile in time; try again",
-            None if neg.idle_at <= now => "closed: no NEG-MSG for too long; send NEG-OPEN again",
-            _ => return true,
+        let Some(reason) = reason(neg) else {
+            return true;
         };
         ended.push(neg_err_frame(sub_id, reason));
         false

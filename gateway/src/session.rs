@@ -76,16 +76,13 @@ fn read_error_close(e: &axum::Error) -> Option<(u16, &'static str)> {
     }
 }
 
-/// A frame past this many bytes is parsed on the blocking pool, so one client's big
-/// messages (thousands of tags, filters of thousands of values) do not hold a runtime
-/// thread that other connections' sessions are waiting for.
-const BIG_FRAME_BYTES: usize = 16 * 1024;
-
-/// Parses a client frame: inline when small, on the blocking pool when big.
+/// Parses a client frame: inline when small, on the blocking pool when big
+/// ([`shared::message::BIG_MESSAGE_BYTES`]), so one client's big messages do not hold a
+/// runtime thread that other connections' sessions are waiting for.
 async fn parse(
     text: axum::extract::ws::Utf8Bytes,
 ) -> Result<Command, shared::message::MessageError> {
-    if text.len() <= BIG_FRAME_BYTES {
+    if text.len() <= shared::message::BIG_MESSAGE_BYTES {
         return Command::parse(text.as_str());
     }
     match tokio::task::spawn_blocking(move || Command::parse(text.as_str())).await {

@@ -8,6 +8,7 @@ use shared::bus::{
 };
 use shared::config::RelayUrls;
 use shared::event::{Event, EventId, KindClass};
+use shared::message::BIG_MESSAGE_BYTES;
 use shared::moderation::{self, Current, is_admin_entry};
 use shared::worker::{Context, Handler};
 use tracing::Instrument;
@@ -121,14 +122,13 @@ impl Handler for Ingest {
         // batch; the batch's acknowledgement still waits for both.
         let (light, heavy): (Vec<Decoded>, Vec<Decoded>) = decode_all(entries)
             .into_iter()
-            .partition(|(_, _, json, _)| json.get().len() <= HEAVY_EVENT_BYTES);
+            .partition(|(_, _, json, _)| json.get().len() <= BIG_MESSAGE_BYTES);
         let mut answers = redis::pipe();
+        self.handle_events(ctx, light, &mut answers).await;
         if heavy.is_empty() {
-            self.handle_events(ctx, light, &mut answers).await;
             return answers;
         }
-        if !light.is_empty() {
-            self.handle_events(ctx, light, &mut answers).await;
+        if answers.cmd_iter().next().is_some() {
             let mut redis = ctx.redis.clone();
             match answers.query_async::<()>(&mut redis).await {
                 Ok(()) => answers = redis::pipe(),
@@ -200,11 +200,6 @@ impl Ingest {
 
 /// What storing one event came to.
 type StoreResult = Result<Outcome, shared::store::StoreError>;
-
-/// An event's JSON size past which it is handled after the light events of its batch (a
-/// deletion naming thousands of addresses, a gift wrap to thousands of recipients, a long
-/// contact list): parsing, verifying and writing it costs more than a note's.
-const HEAVY_EVENT_BYTES: usize = 16 * 1024;
 
 /// An event as it comes off the bus: where its `OK` goes, its JSON, its span.
 type Decoded = (GatewayId, ConnId, Box<RawValue>, tracing::Span);
@@ -333,7 +328,7 @@ const INLINE_VERIFY_MAX: usize = 4;
 async fn verify_all(decoded: Vec<Decoded>) -> Vec<Item> {
     let small = decoded
         .iter()
-        .all(|(_, _, json, _)| json.get().len() <= HEAVY_EVENT_BYTES);
+        .all(|(_, _, json, _)| json.get().len() <= BIG_MESSAGE_BYTES);
     if small && decoded.len() <= INLINE_VERIFY_MAX {
         return decoded.into_iter().filter_map(verify_one).collect();
     }

@@ -104,6 +104,8 @@ const ENVELOPE_BYTES: usize = 96;
 
 /// Why a request got no results.
 enum Failure {
+    /// Refused before it ran (too big, or its address's budget used up): the reason.
+    Refused(String),
     /// It used up its database time (milliseconds).
     TimedOut(u64),
     /// Postgres failed.
@@ -124,6 +126,7 @@ impl Failure {
                 "error: the query ran out of its {ms} ms of database time; ask for fewer events or narrower filters"
             ),
             Failure::Store(_) => "error: could not query the database".to_owned(),
+            Failure::Refused(reason) => reason.clone(),
         }
     }
 
@@ -135,8 +138,26 @@ impl Failure {
                 tracing::warn!(sub = %req.sub_id, ms, "query ran out of time");
             }
             Failure::Store(e) => tracing::error!(error = %e, sub = %req.sub_id, "query failed"),
+            Failure::Refused(_) => {}
         }
     }
+}
+
+/// What `run` comes to, unless the request was `refused` (then it never starts); a failure
+/// as the reason the client gets, logged.
+async fn unless_refused<T>(
+    req: &QueryRequest,
+    refused: Option<Failure>,
+    run: impl std::future::Future<Output = Result<T, Failure>>,
+) -> Result<T, String> {
+    let result = match refused {
+        Some(failure) => Err(failure),
+        None => run.await,
+    };
+    result.map_err(|e| {
+        e.log(req);
+        e.reason()
+    })
 }
 
 /// The rows of a request's filters so far, each event once.
@@ -260,23 +281,15 @@ impl Query {
         let refused = match self.config.limits.check(&req.filters) {
             Err(reason) => Some(reason),
             Ok(()) => budget_used_up(&mut redis, &req).await,
-        };
+        }
+        .map(Failure::Refused);
         // Database time, charged to the asking address: from a connection taken to the
         // answer (a negentropy round's whole time, its reconciliation included).
         let mut db_time = Duration::ZERO;
         let messages: Vec<String> = match &req.kind {
             QueryKind::Events => {
-                let rows = match refused {
-                    Some(reason) => Err(reason),
-                    None => self
-                        .run_filters(&ctx.db, &req, &mut db_time)
-                        .await
-                        .map_err(|e| {
-                            e.log(&req);
-                            e.reason()
-                        }),
-                };
-                match rows {
+                let run = self.run_filters(&ctx.db, &req, &mut db_time);
+                match unless_refused(&req, refused, run).await {
                     Ok(rows) => {
                         tracing::Span::current().record("nostr.results", rows.len());
                         self.chunks(&req, rows, trace)
@@ -290,13 +303,8 @@ impl Query {
                 }
             }
             QueryKind::Count => {
-                let result = match refused {
-                    Some(reason) => Err(reason),
-                    None => self.count(&ctx.db, &req, &mut db_time).await.map_err(|e| {
-                        e.log(&req);
-                        e.reason()
-                    }),
-                };
+                let run = self.count(&ctx.db, &req, &mut db_time);
+                let result = unless_refused(&req, refused, run).await;
                 vec![bus::encode(&GatewayReply::Count {
                     conn: req.conn,
                     req: req.req,
@@ -306,7 +314,7 @@ impl Query {
             }
             QueryKind::Negentropy { message } => {
                 let result = match (refused, req.filters.first()) {
-                    (Some(reason), _) => Err(reason),
+                    (Some(refusal), _) => Err(refusal.reason()),
                     (None, Some(filter)) => {
                         let max = self.config.neg_max_items;
                         let reconciled =

@@ -472,23 +472,18 @@ impl Event {
         }
     }
 
-    /// Whether `pubkey` is the author or is named in one of the event's `p` tags.
-    pub fn involves(&self, pubkey: &PubKey) -> bool {
-        self.involves_any(std::slice::from_ref(pubkey))
+    /// Who may read the event when its kind is read-restricted: its author, then every
+    /// pubkey named in a `p` tag (decoded once each, never by re-encoding a reader's key).
+    pub fn readers(&self) -> impl Iterator<Item = PubKey> + '_ {
+        std::iter::once(self.pubkey).chain(
+            self.tag_values("p")
+                .filter_map(|p| PubKey::from_hex(p).ok()),
+        )
     }
 
-    /// Whether any of `pubkeys` is the author or is named in one of the event's `p` tags.
-    /// Each `p` value is decoded once and looked up, so the cost does not grow with
-    /// `pubkeys` times the tags' hex encoding.
+    /// Whether any of `pubkeys` is among the event's [`Event::readers`].
     pub fn involves_any(&self, pubkeys: &[PubKey]) -> bool {
-        if pubkeys.is_empty() {
-            return false;
-        }
-        pubkeys.contains(&self.pubkey)
-            || self
-                .tag_values("p")
-                .filter_map(|p| PubKey::from_hex(p).ok())
-                .any(|p| pubkeys.contains(&p))
+        !pubkeys.is_empty() && self.readers().any(|r| pubkeys.contains(&r))
     }
 
     /// The indexed tags: `(letter, first value)` for every tag whose name is one ASCII letter

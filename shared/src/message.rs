@@ -252,6 +252,12 @@ fn readable_event_id(text: &str) -> Option<EventId> {
     None
 }
 
+/// A client message (or one event's JSON) past this many bytes costs much more than a note
+/// to parse, verify and store (thousands of tags, filters of thousands of values): the
+/// gateway parses such frames on the blocking pool, and the ingest worker handles such
+/// events after the light ones of their batch.
+pub const BIG_MESSAGE_BYTES: usize = 16 * 1024;
+
 impl ClientMessage {
     /// Parses one client text frame.
     pub fn parse(text: &str) -> Result<Self, MessageError> {

@@ -8,7 +8,7 @@ use shared::filter::Filter;
 use shared::message::{NegMessage, SubId, neg_err_frame};
 
 use crate::cmd::req::{admit, send_query, within_req_rate};
-use crate::ratelimit::Reservation;
+use crate::ratelimit::{self, Reservation};
 use crate::session::Session;
 
 /// A client's negentropy message.
@@ -82,9 +82,7 @@ async fn open(session: &mut Session, sub_id: SubId, filter: Filter, message: Neg
     );
     if let Err(refused) = opened {
         session.send(neg_err_frame(&sub_id, &refused.to_string()));
-        if let Some(reservation) = reservation {
-            reservation.release(state).await;
-        }
+        ratelimit::give_back(state, reservation).await;
         return;
     }
     publish(session, sub_id, req, filter, viewer, message, reservation).await;
@@ -113,9 +111,7 @@ async fn round(session: &mut Session, sub_id: SubId, message: NegMessage) {
             &sub_id,
             "closed: no negentropy session with this id; send NEG-OPEN first",
         ));
-        if let Some(reservation) = reservation {
-            reservation.release(state).await;
-        }
+        ratelimit::give_back(state, reservation).await;
         return;
     };
     publish(session, sub_id, req, filter, viewer, message, reservation).await;

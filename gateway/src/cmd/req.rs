@@ -79,9 +79,7 @@ impl Subscribe {
         );
         if let Err(too_big) = registered {
             refuse(session, &self.sub_id, &too_big.to_string());
-            if let Some(reservation) = reservation {
-                reservation.release(state).await;
-            }
+            ratelimit::give_back(state, reservation).await;
             return;
         }
         if stored_done {
@@ -189,10 +187,8 @@ pub async fn send_query(
     let added = bus::add_entry(&mut redis, &stream, &bus::encode(&request))
         .instrument(send)
         .await;
-    if added.is_err()
-        && let Some(reservation) = reservation
-    {
-        reservation.release(state).await;
+    if added.is_err() {
+        ratelimit::give_back(state, reservation).await;
     }
     added
 }
